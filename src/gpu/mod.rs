@@ -1,0 +1,126 @@
+//! The GPU runtime: adapter selection, device with the adapter's real limits,
+//! the pipeline cache, upload and readback.
+
+mod adapter;
+mod pipeline;
+mod readback;
+pub mod shader;
+
+pub use adapter::{list as list_adapters, AdapterChoice, AdapterReport};
+pub use pipeline::{CachedPipeline, KernelKey, PipelineCache};
+pub use readback::read_buffer;
+#[cfg(not(target_arch = "wasm32"))]
+pub use readback::read_buffer_blocking;
+
+use crate::error::{Error, Result};
+use std::sync::Arc;
+
+/// What the kernels may use on this device.
+#[derive(Clone, Debug)]
+pub struct Capabilities {
+    /// Native `f16` arithmetic and 16-bit storage (WebGPU `shader-f16`).
+    pub shader_f16: bool,
+    /// Subgroup builtins (wgpu `SUBGROUP`).
+    pub subgroups: bool,
+    /// Smallest subgroup size the adapter reports (0 when unknown).
+    pub subgroup_min_size: u32,
+    pub subgroup_max_size: u32,
+    /// Whether the adapter is a CPU implementation (llvmpipe, SwiftShader, WARP).
+    pub is_cpu: bool,
+}
+
+/// A device, its queue and everything cached on it. Cheap to clone.
+#[derive(Clone)]
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    pub caps: Capabilities,
+    pub pipelines: Arc<PipelineCache>,
+}
+
+impl Gpu {
+    /// Pick an adapter by `choice` and open a device with its real limits and
+    /// the optional features (SHADER_F16, SUBGROUP) it has.
+    pub async fn new(choice: &AdapterChoice) -> Result<Gpu> {
+        let (adapter, _instance) = adapter::select(choice).await?;
+        let info = adapter.get_info();
+        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+        let features = adapter.features() & wanted;
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("difftrain"),
+                required_features: features,
+                required_limits: limits.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|source| Error::RequestDevice {
+                adapter: info.name.clone(),
+                source,
+            })?;
+        let caps = Capabilities {
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            subgroup_min_size: info.subgroup_min_size,
+            subgroup_max_size: info.subgroup_max_size,
+            is_cpu: info.device_type == wgpu::DeviceType::Cpu,
+        };
+        Ok(Gpu {
+            pipelines: Arc::new(PipelineCache::new(device.clone(), caps.clone())),
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            caps,
+        })
+    }
+
+    /// Blocking [`Gpu::new`] for native programs.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn new_blocking(choice: &AdapterChoice) -> Result<Gpu> {
+        pollster::block_on(Gpu::new(choice))
+    }
+
+    /// The largest buffer one binding may cover.
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+    }
+
+    /// A storage buffer that kernels read and write and the host can copy from.
+    pub fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Write bytes at the start of `buffer`, padded to the 4-byte copy alignment.
+    pub fn write(&self, buffer: &wgpu::Buffer, bytes: &[u8]) {
+        if bytes.len() % 4 == 0 {
+            self.queue.write_buffer(buffer, 0, bytes);
+        } else {
+            let mut padded = bytes.to_vec();
+            padded.resize(bytes.len().next_multiple_of(4), 0);
+            self.queue.write_buffer(buffer, 0, &padded);
+        }
+    }
+
+    /// Wait for all submitted work (native only; on the web the browser drives it).
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::Gpu(e.to_string()))
+    }
+}

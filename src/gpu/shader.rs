@@ -1,0 +1,342 @@
+//! WGSL sources and their specialization.
+//!
+//! A file in `shaders/` holds an op family. Its top part (before the first
+//! `//@ entry`) has helpers shared by every entry; then each entry point has a
+//! section that starts with a header:
+//!
+//! ```text
+//! //@ entry matmul_forward
+//! //@ tensors a:read b:read c:write
+//! //@ const TM = 4u
+//! ```
+//!
+//! A pipeline is built from the shared part plus one section, behind a
+//! generated prelude: the section's consts (defaults from the header,
+//! overridden per pipeline), `var<uniform> p: Params` when the section
+//! declares `struct Params`, and for each tensor a binding with
+//! `NAME_load(i) -> f32`, `NAME_load4(i) -> vec4<f32>`, and for written tensors
+//! `NAME_store(i, v)` and `NAME_store4(i, v)`, specialized to the tensor's
+//! storage dtype. Kernels compute in f32 whatever the storage.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use std::fmt::Write;
+
+/// Every shader file, by name (the file stem).
+pub static SOURCES: &[(&str, &str)] = &[
+    (
+        "elementwise",
+        include_str!("../../shaders/elementwise.wgsl"),
+    ),
+    ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("loss", include_str!("../../shaders/loss.wgsl")),
+    ("optim", include_str!("../../shaders/optim.wgsl")),
+];
+
+/// How a kernel uses a tensor binding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    Read,
+    Write,
+    ReadWrite,
+}
+
+/// How a tensor's elements are laid out in the WGSL buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Storage {
+    F32,
+    /// `array<f16>`, needs the adapter's SHADER_F16.
+    F16Native,
+    /// Two f16 per u32 through pack2x16float/unpack2x16float: works everywhere.
+    F16Packed,
+    /// Two bf16 per u32 (the high halves of f32s).
+    BF16Packed,
+}
+
+impl Storage {
+    /// The storage for `dtype`: native f16 where the adapter has it, unless
+    /// `force_packed` (used by tests to cover both paths on one adapter).
+    pub fn for_dtype(dtype: DType, shader_f16: bool, force_packed: bool) -> Storage {
+        match dtype {
+            DType::F32 => Storage::F32,
+            DType::F16 if shader_f16 && !force_packed => Storage::F16Native,
+            DType::F16 => Storage::F16Packed,
+            DType::BF16 => Storage::BF16Packed,
+        }
+    }
+}
+
+/// One entry section of a shader file.
+#[derive(Clone, Debug)]
+pub struct EntryInfo {
+    pub entry: String,
+    pub tensors: Vec<(String, Access)>,
+    pub consts: Vec<(String, String)>,
+    pub has_params: bool,
+    /// Byte range of the section body in the file.
+    body: std::ops::Range<usize>,
+}
+
+/// A parsed shader file.
+#[derive(Clone, Debug)]
+pub struct ShaderFile {
+    pub name: String,
+    pub source: &'static str,
+    /// Byte length of the shared top part.
+    common_len: usize,
+    pub entries: Vec<EntryInfo>,
+}
+
+fn shader_err(name: &str, msg: impl Into<String>) -> Error {
+    Error::Shader {
+        shader: name.to_string(),
+        msg: msg.into(),
+    }
+}
+
+impl ShaderFile {
+    pub fn parse(name: &str, source: &'static str) -> Result<ShaderFile> {
+        let mut entries: Vec<EntryInfo> = Vec::new();
+        let mut common_len = source.len();
+        let mut offset = 0;
+        for line in source.split_inclusive('\n') {
+            let start = offset;
+            offset += line.len();
+            let Some(rest) = line.trim().strip_prefix("//@") else {
+                continue;
+            };
+            let rest = rest.trim();
+            let (kw, args) = rest.split_once(' ').unwrap_or((rest, ""));
+            match kw {
+                "entry" => {
+                    if entries.is_empty() {
+                        common_len = start;
+                    } else if let Some(prev) = entries.last_mut() {
+                        prev.body.end = start;
+                    }
+                    entries.push(EntryInfo {
+                        entry: args.trim().to_string(),
+                        tensors: Vec::new(),
+                        consts: Vec::new(),
+                        has_params: false,
+                        body: offset..source.len(),
+                    });
+                }
+                "tensors" | "const" => {
+                    let cur = entries.last_mut().ok_or_else(|| {
+                        shader_err(name, format!("'//@ {kw}' before any '//@ entry'"))
+                    })?;
+                    if kw == "tensors" {
+                        for t in args.split_whitespace() {
+                            let (n, a) = t.split_once(':').ok_or_else(|| {
+                                shader_err(
+                                    name,
+                                    format!("tensor '{t}' needs ':read', ':write' or ':rw'"),
+                                )
+                            })?;
+                            let access = match a {
+                                "read" => Access::Read,
+                                "write" => Access::Write,
+                                "rw" => Access::ReadWrite,
+                                _ => {
+                                    return Err(shader_err(
+                                        name,
+                                        format!("tensor '{t}': unknown access '{a}'"),
+                                    ))
+                                }
+                            };
+                            cur.tensors.push((n.to_string(), access));
+                        }
+                    } else {
+                        let (n, v) = args.split_once('=').ok_or_else(|| {
+                            shader_err(name, format!("'//@ const {args}' needs NAME = VALUE"))
+                        })?;
+                        cur.consts
+                            .push((n.trim().to_string(), v.trim().to_string()));
+                    }
+                }
+                _ => return Err(shader_err(name, format!("unknown directive '//@ {kw}'"))),
+            }
+        }
+        for e in &mut entries {
+            e.has_params = source[e.body.clone()].contains("struct Params");
+        }
+        Ok(ShaderFile {
+            name: name.to_string(),
+            source,
+            common_len,
+            entries,
+        })
+    }
+
+    /// The shader file `name` from [`SOURCES`].
+    pub fn get(name: &str) -> Result<ShaderFile> {
+        let (_, src) = SOURCES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .ok_or_else(|| shader_err(name, "no such shader file"))?;
+        ShaderFile::parse(name, src)
+    }
+
+    pub fn entry(&self, entry: &str) -> Result<&EntryInfo> {
+        self.entries
+            .iter()
+            .find(|e| e.entry == entry)
+            .ok_or_else(|| shader_err(&self.name, format!("no entry point '{entry}'")))
+    }
+
+    /// The full WGSL module for one entry with the given storages (one per
+    /// header tensor, in header order) and const overrides.
+    pub fn specialize(
+        &self,
+        entry: &str,
+        storages: &[Storage],
+        consts: &[(&str, String)],
+    ) -> Result<String> {
+        let info = self.entry(entry)?;
+        if storages.len() != info.tensors.len() {
+            return Err(shader_err(
+                &self.name,
+                format!(
+                    "{entry}: {} storages given for tensors {:?}",
+                    storages.len(),
+                    info.tensors.iter().map(|t| &t.0).collect::<Vec<_>>()
+                ),
+            ));
+        }
+        for (k, _) in consts {
+            if !info.consts.iter().any(|(n, _)| n == k) {
+                return Err(shader_err(
+                    &self.name,
+                    format!("{entry}: no const named '{k}'"),
+                ));
+            }
+        }
+        let mut out = String::new();
+        if storages.contains(&Storage::F16Native) {
+            out.push_str("enable f16;\n");
+        }
+        for (n, default) in &info.consts {
+            let v = consts
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.as_str())
+                .unwrap_or(default);
+            let _ = writeln!(out, "const {n} = {v};");
+        }
+        out.push_str(PRELUDE);
+        if info.has_params {
+            out.push_str("@group(0) @binding(0) var<uniform> p: Params;\n");
+        }
+        for (i, ((name, access), storage)) in info.tensors.iter().zip(storages).enumerate() {
+            tensor_binding(&mut out, i as u32 + 1, name, *access, *storage);
+        }
+        out.push_str(&self.source[..self.common_len]);
+        out.push_str(&self.source[info.body.clone()]);
+        Ok(out)
+    }
+}
+
+/// Helpers every kernel may use.
+const PRELUDE: &str = r#"
+// Flat invocation index of a 1-D launch spread over a 2-D grid
+// (dispatch dimensions are limited to 65535 workgroups).
+fn flat_id(gid: vec3<u32>, nwg: vec3<u32>, wg_size: u32) -> u32 {
+    return gid.x + gid.y * nwg.x * wg_size;
+}
+// bf16 <-> f32: bf16 is the high half of an f32, rounded to nearest even.
+fn bf16_bits(v: f32) -> u32 {
+    let b = bitcast<u32>(v);
+    if ((b & 0x7fffffffu) > 0x7f800000u) { return 0x7fc0u; }
+    return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
+}
+fn bf16_value(h: u32) -> f32 { return bitcast<f32>(h << 16u); }
+"#;
+
+/// Emit the binding of one tensor and its load/store helpers.
+fn tensor_binding(out: &mut String, binding: u32, name: &str, access: Access, storage: Storage) {
+    let write = access != Access::Read;
+    let space = if write { "read_write" } else { "read" };
+    let elem = match storage {
+        Storage::F32 => "f32",
+        Storage::F16Native => "f16",
+        Storage::F16Packed | Storage::BF16Packed if write => "atomic<u32>",
+        Storage::F16Packed | Storage::BF16Packed => "u32",
+    };
+    let _ = writeln!(
+        out,
+        "@group(0) @binding({binding}) var<storage, {space}> {name}_buf: array<{elem}>;"
+    );
+    // The u32 word `w` of a packed buffer.
+    let word = |w: &str| {
+        if write {
+            format!("atomicLoad(&{name}_buf[{w}])")
+        } else {
+            format!("{name}_buf[{w}]")
+        }
+    };
+    // Unpack the two values of a word, and pack two values into a word.
+    let (unpack, pack) = match storage {
+        Storage::BF16Packed => (
+            "vec2<f32>(bf16_value(W & 0xffffu), bf16_value(W >> 16u))",
+            "(bf16_bits(V.x) | (bf16_bits(V.y) << 16u))",
+        ),
+        _ => ("unpack2x16float(W)", "pack2x16float(V)"),
+    };
+    match storage {
+        Storage::F32 | Storage::F16Native => {
+            let _ = writeln!(
+                out,
+                "fn {name}_load(i: u32) -> f32 {{ return f32({name}_buf[i]); }}\n\
+                 fn {name}_load4(i: u32) -> vec4<f32> {{ return vec4<f32>(f32({name}_buf[i]), f32({name}_buf[i + 1u]), f32({name}_buf[i + 2u]), f32({name}_buf[i + 3u])); }}"
+            );
+            if write {
+                let _ = writeln!(
+                    out,
+                    "fn {name}_store(i: u32, v: f32) {{ {name}_buf[i] = {elem}(v); }}\n\
+                     fn {name}_store4(i: u32, v: vec4<f32>) {{ {name}_buf[i] = {elem}(v.x); {name}_buf[i + 1u] = {elem}(v.y); {name}_buf[i + 2u] = {elem}(v.z); {name}_buf[i + 3u] = {elem}(v.w); }}"
+                );
+            }
+        }
+        _ => {
+            let up = |w: &str| unpack.replace('W', &word(w));
+            let _ = writeln!(
+                out,
+                "fn {name}_load(i: u32) -> f32 {{ return {}[i & 1u]; }}",
+                up("i >> 1u")
+            );
+            let _ = writeln!(
+                out,
+                "fn {name}_load4(i: u32) -> vec4<f32> {{\n\
+                 \x20   if ((i & 1u) == 0u) {{ return vec4<f32>({}, {}); }}\n\
+                 \x20   return vec4<f32>({name}_load(i), {name}_load(i + 1u), {name}_load(i + 2u), {name}_load(i + 3u));\n}}",
+                up("i >> 1u"),
+                up("(i >> 1u) + 1u")
+            );
+            if write {
+                // A lone 16-bit store shares its word with a neighbour that another
+                // invocation may own: clear and set only our half, atomically.
+                // Integer atomics are exact, so results stay deterministic.
+                let half = pack.replace('V', "vec2<f32>(v, 0.0)");
+                let pair = |v: &str| pack.replace('V', v);
+                let _ = writeln!(
+                    out,
+                    "fn {name}_store(i: u32, v: f32) {{\n\
+                     \x20   let shift = (i & 1u) * 16u;\n\
+                     \x20   let bits = ({half} & 0xffffu) << shift;\n\
+                     \x20   atomicAnd(&{name}_buf[i >> 1u], ~(0xffffu << shift));\n\
+                     \x20   atomicOr(&{name}_buf[i >> 1u], bits);\n}}\n\
+                     fn {name}_store4(i: u32, v: vec4<f32>) {{\n\
+                     \x20   if ((i & 1u) == 0u) {{\n\
+                     \x20       atomicStore(&{name}_buf[i >> 1u], {});\n\
+                     \x20       atomicStore(&{name}_buf[(i >> 1u) + 1u], {});\n\
+                     \x20       return;\n\
+                     \x20   }}\n\
+                     \x20   {name}_store(i, v.x); {name}_store(i + 1u, v.y); {name}_store(i + 2u, v.z); {name}_store(i + 3u, v.w);\n}}",
+                    pair("v.xy"),
+                    pair("v.zw")
+                );
+            }
+        }
+    }
+}

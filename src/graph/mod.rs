@@ -1,0 +1,235 @@
+//! The graph runner. A model is traced once per shape into a [`Graph`] of ops;
+//! [`Session`] then derives the backward schedule, plans buffer memory by
+//! liveness, creates pipelines and bind groups once, and runs each step as
+//! one queue submission.
+
+mod emit;
+mod op;
+mod plan;
+mod session;
+
+pub use emit::{Emit, Kernel, Slot};
+pub use op::{Op, OpKernels};
+pub use plan::{AdamW, Plan, RunSpec, StepStats};
+pub use session::Session;
+
+use crate::dtype::DType;
+use crate::error::{shape_err, Result};
+
+/// A tensor in a graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(pub(crate) usize);
+
+impl TensorId {
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// Where a tensor's values come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Written by the host before a step (data, conditioning, seeds).
+    Input { requires_grad: bool },
+    /// A model parameter: f32, persistent, trained when `trainable`.
+    Param { trainable: bool },
+    /// Produced by a node.
+    Activation,
+}
+
+#[derive(Clone, Debug)]
+pub struct TensorDesc {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub role: Role,
+    /// A reshape shares the storage of the tensor it was made from.
+    pub alias_of: Option<TensorId>,
+}
+
+impl TensorDesc {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// One op application.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub name: String,
+    pub op: Op,
+    pub inputs: Vec<TensorId>,
+    pub outputs: Vec<TensorId>,
+}
+
+/// A traced model: tensors and the nodes that produce them, in execution order.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    pub tensors: Vec<TensorDesc>,
+    pub nodes: Vec<Node>,
+    scopes: Vec<String>,
+}
+
+impl Graph {
+    pub fn new() -> Graph {
+        Graph::default()
+    }
+
+    fn push_tensor(&mut self, desc: TensorDesc) -> TensorId {
+        self.tensors.push(desc);
+        TensorId(self.tensors.len() - 1)
+    }
+
+    /// A host-written input.
+    pub fn input(&mut self, name: &str, shape: &[usize], dtype: DType) -> TensorId {
+        self.push_tensor(TensorDesc {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            dtype,
+            role: Role::Input {
+                requires_grad: false,
+            },
+            alias_of: None,
+        })
+    }
+
+    /// An input whose gradient the backward pass computes (e.g. `grad.sample`).
+    pub fn input_with_grad(&mut self, name: &str, shape: &[usize], dtype: DType) -> TensorId {
+        let t = self.input(name, shape, dtype);
+        self.tensors[t.0].role = Role::Input {
+            requires_grad: true,
+        };
+        t
+    }
+
+    /// A trainable f32 parameter. Its name is its safetensors key.
+    pub fn param(&mut self, name: &str, shape: &[usize]) -> TensorId {
+        self.push_tensor(TensorDesc {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            dtype: DType::F32,
+            role: Role::Param { trainable: true },
+            alias_of: None,
+        })
+    }
+
+    /// A parameter that is never trained (frozen encoders).
+    pub fn frozen_param(&mut self, name: &str, shape: &[usize]) -> TensorId {
+        let t = self.param(name, shape);
+        self.tensors[t.0].role = Role::Param { trainable: false };
+        t
+    }
+
+    pub fn desc(&self, t: TensorId) -> &TensorDesc {
+        &self.tensors[t.0]
+    }
+
+    pub fn shape(&self, t: TensorId) -> &[usize] {
+        &self.tensors[t.0].shape
+    }
+
+    pub fn dtype(&self, t: TensorId) -> DType {
+        self.tensors[t.0].dtype
+    }
+
+    pub fn numel(&self, t: TensorId) -> usize {
+        self.tensors[t.0].numel()
+    }
+
+    /// The tensor whose storage `t` uses (itself unless it is a reshape).
+    pub fn storage_root(&self, t: TensorId) -> TensorId {
+        let mut t = t;
+        while let Some(a) = self.tensors[t.0].alias_of {
+            t = a;
+        }
+        t
+    }
+
+    /// Parameters in creation order.
+    pub fn params(&self) -> Vec<TensorId> {
+        (0..self.tensors.len())
+            .map(TensorId)
+            .filter(|t| matches!(self.tensors[t.0].role, Role::Param { .. }))
+            .collect()
+    }
+
+    /// The parameter or input called `name`.
+    pub fn find(&self, name: &str) -> Option<TensorId> {
+        self.tensors
+            .iter()
+            .position(|d| d.name == name && !matches!(d.role, Role::Activation))
+            .map(TensorId)
+    }
+
+    /// Run `f` with node names prefixed by `scope` (diffusers module paths).
+    pub fn scoped<R>(&mut self, scope: &str, f: impl FnOnce(&mut Graph) -> R) -> R {
+        self.scopes.push(scope.to_string());
+        let r = f(self);
+        self.scopes.pop();
+        r
+    }
+
+    fn node_name(&self, op: &str) -> String {
+        let mut s = self.scopes.join(".");
+        if !s.is_empty() {
+            s.push('.');
+        }
+        s.push_str(op);
+        s.push_str(&format!("#{}", self.nodes.len()));
+        s
+    }
+
+    /// Add a node producing outputs of the given shapes and dtypes.
+    pub fn add_node(
+        &mut self,
+        op: Op,
+        inputs: &[TensorId],
+        outputs: &[(Vec<usize>, DType)],
+    ) -> Vec<TensorId> {
+        let name = self.node_name(op.kind());
+        let outs: Vec<TensorId> = outputs
+            .iter()
+            .enumerate()
+            .map(|(i, (shape, dtype))| {
+                self.push_tensor(TensorDesc {
+                    name: if outputs.len() == 1 {
+                        name.clone()
+                    } else {
+                        format!("{name}:{i}")
+                    },
+                    shape: shape.clone(),
+                    dtype: *dtype,
+                    role: Role::Activation,
+                    alias_of: None,
+                })
+            })
+            .collect();
+        self.nodes.push(Node {
+            name,
+            op,
+            inputs: inputs.to_vec(),
+            outputs: outs.clone(),
+        });
+        outs
+    }
+
+    /// A view of `x` with another shape of the same element count. No kernel
+    /// runs: the result shares `x`'s storage, and so does its gradient.
+    pub fn reshape(&mut self, x: TensorId, shape: &[usize]) -> Result<TensorId> {
+        let d = self.desc(x).clone();
+        if shape.iter().product::<usize>() != d.numel() {
+            return Err(shape_err(
+                "reshape",
+                format!("'{}' {:?} cannot be viewed as {:?}", d.name, d.shape, shape),
+            ));
+        }
+        let name = self.node_name("reshape");
+        Ok(self.push_tensor(TensorDesc {
+            name,
+            shape: shape.to_vec(),
+            dtype: d.dtype,
+            role: Role::Activation,
+            alias_of: Some(x),
+        }))
+    }
+}

@@ -1,0 +1,69 @@
+//! The op vocabulary. Each variant wraps the op's attributes, defined with its
+//! kernels in `src/ops/<op>.rs`.
+
+use super::{Emit, Graph, TensorId};
+use crate::error::Result;
+use crate::ops;
+
+/// What every op provides: its forward kernels and, where it can be trained
+/// through, its backward kernels. Both emit into `e` over slots; the planner
+/// maps them to buffers.
+pub trait OpKernels {
+    /// Short name for labels and errors ("matmul", "conv2d", ...).
+    fn kind(&self) -> &'static str;
+
+    fn forward(&self, e: &mut Emit, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()>;
+
+    /// Write the gradient of every input for which `e.grad_in(k)` is `Some`,
+    /// in input order, from the output gradients `e.grad_out(k)` and whatever
+    /// forward values it needs (they stay alive until this runs).
+    fn backward(&self, e: &mut Emit, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()>;
+
+    /// Floating-point operations of the forward pass (for benchmarks).
+    fn flops(&self, _g: &Graph, _inputs: &[TensorId], _outputs: &[TensorId]) -> u64 {
+        0
+    }
+}
+
+macro_rules! op_enum {
+    ($($(#[$doc:meta])* $variant:ident($ty:ty),)*) => {
+        /// One op application's attributes.
+        #[derive(Clone, Debug)]
+        pub enum Op { $($(#[$doc])* $variant($ty),)* }
+
+        impl Op {
+            pub fn kernels(&self) -> &dyn OpKernels {
+                match self { $(Op::$variant(o) => o,)* }
+            }
+
+            pub fn kind(&self) -> &'static str {
+                self.kernels().kind()
+            }
+        }
+
+        $(impl From<$ty> for Op {
+            fn from(o: $ty) -> Op { Op::$variant(o) }
+        })*
+    };
+}
+
+op_enum! {
+    // elementwise
+    /// SiLU, GELU (erf), GELU-tanh, quick-GELU.
+    Unary(ops::elementwise::Unary),
+    /// add / mul with broadcasting of the second operand over leading and trailing dims.
+    Binary(ops::elementwise::Binary),
+    /// x * s
+    Scale(ops::elementwise::Scale),
+    /// hidden * gelu(gate) over the two halves of the last dim.
+    Geglu(ops::elementwise::Geglu),
+    // matmul
+    /// Batched matmul with optional transposes and bias.
+    Matmul(ops::matmul::Matmul),
+    // reduce
+    /// Sum over axes.
+    ReduceSum(ops::reduce::ReduceSum),
+    // loss
+    /// Mean-squared error to a scalar.
+    MseLoss(ops::loss::MseLoss),
+}

@@ -1,0 +1,400 @@
+//! From a graph to a schedule with memory: forward kernels, the backward
+//! schedule derived in reverse, optimizer kernels, and buffers assigned to
+//! every slot by liveness.
+
+use super::emit::{Emit, ExtraDesc, GradTarget, Kernel, Slot};
+use super::{Graph, Role, TensorId};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::gpu::Capabilities;
+use std::collections::{HashMap, HashSet};
+
+/// AdamW with decoupled weight decay (Loshchilov & Hutter), optionally after
+/// clipping the global gradient norm, as `torch.nn.utils.clip_grad_norm_` does.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Clip the global L2 norm of all gradients to this value.
+    pub max_grad_norm: Option<f32>,
+}
+
+impl Default for AdamW {
+    /// diffusers' train_text_to_image.py defaults (lr 1e-4, betas 0.9/0.999,
+    /// eps 1e-8, weight decay 1e-2, max_grad_norm 1.0).
+    fn default() -> Self {
+        AdamW {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+            max_grad_norm: Some(1.0),
+        }
+    }
+}
+
+/// What a session computes each step.
+#[derive(Clone, Debug, Default)]
+pub struct RunSpec {
+    /// Tensors kept readable after a step. Everything else may share memory.
+    pub outputs: Vec<TensorId>,
+    /// Backward roots: (tensor, host input holding d(objective)/d(tensor)).
+    /// Empty: a no-grad forward that keeps no activations.
+    pub seeds: Vec<(TensorId, TensorId)>,
+    /// Gradients kept readable after a step (parameter gradients always are).
+    pub grads: Vec<TensorId>,
+    pub optimizer: Option<AdamW>,
+    /// Store f16 packed in u32 even where the adapter has SHADER_F16 (tests
+    /// use it to cover the portable path on any adapter).
+    pub force_packed_f16: bool,
+}
+
+/// One planned allocation (a tensor's values or gradient, scratch, state).
+#[derive(Clone, Debug)]
+pub struct StorageDesc {
+    pub label: String,
+    pub numel: usize,
+    pub dtype: DType,
+    pub persistent: bool,
+    /// First and last kernel index that binds it.
+    pub first: usize,
+    pub last: usize,
+    /// Index into `Plan::buffers`.
+    pub buffer: usize,
+}
+
+/// Figures per step, reported by benches and `difftrain` commands.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepStats {
+    pub dispatches: usize,
+    pub submissions: usize,
+    /// Bytes of the pooled activation/gradient/scratch buffers.
+    pub pooled_bytes: u64,
+    /// Bytes of persistent buffers (inputs, parameters, their gradients, optimizer state).
+    pub persistent_bytes: u64,
+    /// Forward FLOPs of the graph's ops (backward counted by benches).
+    pub forward_flops: u64,
+}
+
+/// The complete static schedule of a session.
+pub struct Plan {
+    pub kernels: Vec<Kernel>,
+    pub storages: Vec<StorageDesc>,
+    pub slot_storage: HashMap<Slot, usize>,
+    /// Byte size and label of each buffer to create.
+    pub buffers: Vec<(String, u64)>,
+    pub stats: StepStats,
+    /// The persistent slot the host fills each step with AdamW's
+    /// [lr, 1 - beta1^t, 1 - beta2^t, 0].
+    pub adamw_step: Option<Slot>,
+    pub adamw: Option<AdamW>,
+    pub trained_params: Vec<TensorId>,
+}
+
+/// Keys of storages: slots that share memory map to one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum StorageKey {
+    Value(TensorId),
+    Grad(TensorId),
+    Temp(usize),
+    Persistent(usize),
+}
+
+impl Plan {
+    pub fn build(
+        graph: &Graph,
+        caps: &Capabilities,
+        spec: &RunSpec,
+        max_binding: u64,
+    ) -> Result<Plan> {
+        let mut e = Emit::new(graph, caps);
+        let mut stats = StepStats::default();
+
+        // 1. Forward, in graph order.
+        for node in &graph.nodes {
+            e.node_name = node.name.clone();
+            let k = node.op.kernels();
+            k.forward(&mut e, &node.inputs, &node.outputs)?;
+            stats.forward_flops += k.flops(graph, &node.inputs, &node.outputs);
+        }
+
+        // 2. Backward, in reverse, from the seeds.
+        let root = |t: TensorId| graph.storage_root(t);
+        let mut grad_alias: HashMap<TensorId, TensorId> = HashMap::new();
+        let mut has_grad: HashSet<TensorId> = HashSet::new();
+        for &(t, seed) in &spec.seeds {
+            if graph.shape(t) != graph.shape(seed) {
+                return Err(Error::Shape {
+                    op: "backward".into(),
+                    msg: format!(
+                        "seed '{}' {:?} does not match '{}' {:?}",
+                        graph.desc(seed).name,
+                        graph.shape(seed),
+                        graph.desc(t).name,
+                        graph.shape(t)
+                    ),
+                });
+            }
+            grad_alias.insert(root(t), root(seed));
+            has_grad.insert(root(t));
+        }
+        let requires = requires_grad(graph);
+        let mut trained_params = Vec::new();
+        if !spec.seeds.is_empty() {
+            for node in graph.nodes.iter().rev() {
+                let grad_outs: Vec<Option<Slot>> = node
+                    .outputs
+                    .iter()
+                    .map(|&o| has_grad.contains(&root(o)).then_some(Slot::Grad(o)))
+                    .collect();
+                if grad_outs.iter().all(Option::is_none) {
+                    continue;
+                }
+                let mut written = has_grad.clone();
+                let grad_ins: Vec<Option<GradTarget>> = node
+                    .inputs
+                    .iter()
+                    .map(|&i| {
+                        requires.contains(&root(i)).then(|| GradTarget {
+                            slot: Slot::Grad(i),
+                            accumulate: !written.insert(root(i)),
+                        })
+                    })
+                    .collect();
+                if grad_ins.iter().all(Option::is_none) {
+                    continue;
+                }
+                e.node_name = format!("{}.backward", node.name);
+                e.grad_outs = grad_outs;
+                e.grad_ins = grad_ins;
+                node.op
+                    .kernels()
+                    .backward(&mut e, &node.inputs, &node.outputs)?;
+                has_grad = written;
+            }
+            e.grad_outs.clear();
+            e.grad_ins.clear();
+            for p in graph.params() {
+                if matches!(graph.desc(p).role, Role::Param { trainable: true })
+                    && has_grad.contains(&p)
+                {
+                    trained_params.push(p);
+                }
+            }
+        }
+
+        // 3. Optimizer.
+        let mut adamw_step = None;
+        if let Some(opt) = &spec.optimizer {
+            e.node_name = "adamw".into();
+            adamw_step = Some(crate::ops::optim::emit_adamw(&mut e, &trained_params, opt)?);
+        }
+
+        // 4. Slots -> storages.
+        let outputs: HashSet<TensorId> = spec.outputs.iter().map(|&t| root(t)).collect();
+        let kept_grads: HashSet<TensorId> = spec.grads.iter().map(|&t| root(t)).collect();
+        let mut storages: Vec<StorageDesc> = Vec::new();
+        let mut by_key: HashMap<StorageKey, usize> = HashMap::new();
+        let mut slot_storage: HashMap<Slot, usize> = HashMap::new();
+        let Emit {
+            kernels,
+            temps,
+            persistents,
+            ..
+        } = e;
+        let extra = |d: &ExtraDesc, persistent: bool| StorageDesc {
+            label: d.label.clone(),
+            numel: d.numel,
+            dtype: d.dtype,
+            persistent,
+            first: usize::MAX,
+            last: 0,
+            buffer: 0,
+        };
+        for (ki, k) in kernels.iter().enumerate() {
+            for &(_, slot) in &k.bindings {
+                let key = match slot {
+                    Slot::Value(t) => StorageKey::Value(root(t)),
+                    Slot::Grad(t) => match grad_alias.get(&root(t)) {
+                        Some(&seed) => StorageKey::Value(seed),
+                        None => StorageKey::Grad(root(t)),
+                    },
+                    Slot::Temp(i) => StorageKey::Temp(i),
+                    Slot::Persistent(i) => StorageKey::Persistent(i),
+                };
+                let sid = *by_key.entry(key).or_insert_with(|| {
+                    storages.push(match key {
+                        StorageKey::Value(t) | StorageKey::Grad(t) => {
+                            let d = graph.desc(t);
+                            let is_grad = matches!(key, StorageKey::Grad(_));
+                            let persistent = match d.role {
+                                Role::Input { .. } => !is_grad || kept_grads.contains(&t),
+                                Role::Param { .. } => true,
+                                Role::Activation => {
+                                    if is_grad {
+                                        kept_grads.contains(&t)
+                                    } else {
+                                        outputs.contains(&t)
+                                    }
+                                }
+                            };
+                            StorageDesc {
+                                label: if is_grad {
+                                    format!("grad.{}", d.name)
+                                } else {
+                                    d.name.clone()
+                                },
+                                numel: d.numel(),
+                                dtype: d.dtype,
+                                persistent,
+                                first: usize::MAX,
+                                last: 0,
+                                buffer: 0,
+                            }
+                        }
+                        StorageKey::Temp(i) => extra(&temps[i], false),
+                        StorageKey::Persistent(i) => extra(&persistents[i], true),
+                    });
+                    storages.len() - 1
+                });
+                slot_storage.insert(normalize(graph, slot), sid);
+                if let StorageKey::Value(t) = key {
+                    slot_storage.insert(Slot::Value(t), sid);
+                }
+                let s = &mut storages[sid];
+                s.first = s.first.min(ki);
+                s.last = s.last.max(ki);
+                let bytes = s.dtype.buffer_bytes(s.numel);
+                if bytes > max_binding {
+                    return Err(Error::BindingTooLarge {
+                        op: k.node.clone(),
+                        tensor: s.label.clone(),
+                        shape: match slot {
+                            Slot::Value(t) | Slot::Grad(t) => graph.shape(t).to_vec(),
+                            _ => vec![s.numel],
+                        },
+                        bytes,
+                        limit: max_binding,
+                    });
+                }
+            }
+        }
+        // Requested outputs and gradients that no kernel touches (e.g. an
+        // input read back as an output) still get a buffer.
+        for &t in spec.outputs.iter().chain(&spec.grads) {
+            let (key, slot) = if spec.outputs.contains(&t) {
+                (StorageKey::Value(root(t)), Slot::Value(t))
+            } else {
+                (StorageKey::Grad(root(t)), Slot::Grad(t))
+            };
+            if let Some(&sid) = by_key.get(&key) {
+                slot_storage.insert(normalize(graph, slot), sid);
+            }
+        }
+
+        // 5. Buffers: persistent storages get their own; the rest share a pool,
+        // greedily by liveness (best fit, else grow the largest free buffer).
+        let mut buffers: Vec<(String, u64)> = Vec::new();
+        let mut order: Vec<usize> = (0..storages.len())
+            .filter(|&s| !storages[s].persistent)
+            .collect();
+        order.sort_by_key(|&s| (storages[s].first, s));
+        let mut free: Vec<usize> = Vec::new();
+        let mut live: Vec<usize> = Vec::new(); // storage ids holding a pool buffer
+        for s in order {
+            let first = storages[s].first;
+            live.retain(|&o| {
+                if storages[o].last < first {
+                    free.push(storages[o].buffer);
+                    false
+                } else {
+                    true
+                }
+            });
+            let need = storages[s].dtype.buffer_bytes(storages[s].numel);
+            let pick = free
+                .iter()
+                .enumerate()
+                .filter(|(_, &b)| buffers[b].1 >= need)
+                .min_by_key(|(_, &b)| buffers[b].1)
+                .or_else(|| free.iter().enumerate().max_by_key(|(_, &b)| buffers[b].1))
+                .map(|(i, _)| i);
+            let b = match pick {
+                Some(i) => {
+                    let b = free.swap_remove(i);
+                    buffers[b].1 = buffers[b].1.max(need);
+                    b
+                }
+                None => {
+                    buffers.push((format!("pool{}", buffers.len()), need));
+                    buffers.len() - 1
+                }
+            };
+            storages[s].buffer = b;
+            live.push(s);
+        }
+        stats.pooled_bytes = buffers.iter().map(|b| b.1).sum();
+        for s in storages.iter_mut().filter(|s| s.persistent) {
+            let bytes = s.dtype.buffer_bytes(s.numel);
+            stats.persistent_bytes += bytes;
+            buffers.push((s.label.clone(), bytes));
+            s.buffer = buffers.len() - 1;
+        }
+        stats.dispatches = kernels.len();
+        stats.submissions = 1;
+        Ok(Plan {
+            kernels,
+            storages,
+            slot_storage,
+            buffers,
+            stats,
+            adamw_step,
+            adamw: spec.optimizer.clone(),
+            trained_params,
+        })
+    }
+}
+
+/// The slot of a tensor's storage root: a reshape's values and gradient are
+/// those of the tensor it views.
+pub fn normalize(graph: &Graph, slot: Slot) -> Slot {
+    match slot {
+        Slot::Value(t) => Slot::Value(graph.storage_root(t)),
+        Slot::Grad(t) => Slot::Grad(graph.storage_root(t)),
+        other => other,
+    }
+}
+
+/// Storage roots whose gradient the backward pass needs: trainable parameters,
+/// inputs that ask for one, and everything computed from them.
+fn requires_grad(graph: &Graph) -> HashSet<TensorId> {
+    let mut req: HashSet<TensorId> = graph
+        .tensors
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| {
+            matches!(
+                d.role,
+                Role::Param { trainable: true }
+                    | Role::Input {
+                        requires_grad: true
+                    }
+            ) && d.alias_of.is_none()
+        })
+        .map(|(i, _)| TensorId(i))
+        .collect();
+    for node in &graph.nodes {
+        if node
+            .inputs
+            .iter()
+            .any(|&i| req.contains(&graph.storage_root(i)))
+        {
+            req.extend(node.outputs.iter().copied());
+        }
+    }
+    req
+}

@@ -1,0 +1,269 @@
+//! Runs a [`Plan`]: buffers, pipelines and bind groups are created once; a
+//! step writes the host inputs, encodes the cached dispatches into one compute
+//! pass and submits once.
+
+use super::emit::Slot;
+use super::plan::{normalize, Plan, RunSpec, StepStats};
+use super::{Graph, TensorId};
+use crate::error::{Error, Result};
+use crate::gpu::shader::Storage;
+use crate::gpu::{read_buffer, Gpu, KernelKey};
+use std::sync::Arc;
+
+struct ReadyKernel {
+    pipeline: Arc<crate::gpu::CachedPipeline>,
+    bind_group: wgpu::BindGroup,
+    workgroups: [u32; 3],
+}
+
+pub struct Session {
+    pub gpu: Gpu,
+    pub graph: Arc<Graph>,
+    pub plan: Plan,
+    buffers: Vec<wgpu::Buffer>,
+    kernels: Vec<ReadyKernel>,
+    optimizer_step: u64,
+    lr: f32,
+}
+
+impl Session {
+    pub fn new(gpu: &Gpu, graph: Arc<Graph>, spec: RunSpec) -> Result<Session> {
+        let plan = Plan::build(&graph, &gpu.caps, &spec, gpu.max_binding_bytes())?;
+        #[cfg(not(target_arch = "wasm32"))]
+        let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let buffers: Vec<wgpu::Buffer> = plan
+            .buffers
+            .iter()
+            .map(|(label, bytes)| gpu.storage_buffer(label, *bytes))
+            .collect();
+        let dummy = gpu.storage_buffer("unbound", 16);
+
+        // All kernels' params in one uniform buffer, each at an aligned offset.
+        let align = gpu.limits.min_uniform_buffer_offset_alignment as usize;
+        let mut uniform_bytes: Vec<u8> = Vec::new();
+        let mut offsets = Vec::with_capacity(plan.kernels.len());
+        for k in &plan.kernels {
+            offsets.push(uniform_bytes.len());
+            let mut words = k.params.clone();
+            words.resize(words.len().next_multiple_of(4).max(4), 0);
+            uniform_bytes.extend_from_slice(bytemuck::cast_slice(&words));
+            uniform_bytes.resize(uniform_bytes.len().next_multiple_of(align), 0);
+        }
+        let uniforms = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params"),
+            size: uniform_bytes.len().max(16) as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        gpu.queue.write_buffer(&uniforms, 0, &uniform_bytes);
+
+        let mut kernels = Vec::with_capacity(plan.kernels.len());
+        for (ki, k) in plan.kernels.iter().enumerate() {
+            let info = crate::gpu::shader::ShaderFile::get(k.shader)?;
+            let entry = info.entry(k.entry)?;
+            let kernel_err = |msg: String| Error::Shader {
+                shader: format!("{}::{} (node {})", k.shader, k.entry, k.node),
+                msg,
+            };
+            for (name, _) in &k.bindings {
+                if !entry.tensors.iter().any(|(n, _)| n == name) {
+                    return Err(kernel_err(format!(
+                        "binds '{name}', which the shader does not declare"
+                    )));
+                }
+            }
+            let bound: Vec<Option<Slot>> = entry
+                .tensors
+                .iter()
+                .map(|(n, _)| k.bindings.iter().find(|(b, _)| b == n).map(|(_, s)| *s))
+                .collect();
+            let storages: Vec<Storage> = bound
+                .iter()
+                .map(|s| match s {
+                    Some(slot) => {
+                        let st = &plan.storages[plan.slot_storage[&normalize(&graph, *slot)]];
+                        Storage::for_dtype(st.dtype, gpu.caps.shader_f16, spec.force_packed_f16)
+                    }
+                    None => Storage::F32,
+                })
+                .collect();
+            let key = KernelKey {
+                shader: k.shader,
+                entry: k.entry,
+                storages,
+                consts: k.consts.clone(),
+            };
+            let pipeline = gpu.pipelines.get(&key)?;
+            let mut entries = Vec::new();
+            if pipeline.has_params {
+                let size = (k.params.len().next_multiple_of(4).max(4) * 4) as u64;
+                entries.push(wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &uniforms,
+                        offset: offsets[ki] as u64,
+                        size: wgpu::BufferSize::new(size),
+                    }),
+                });
+            }
+            for (i, slot) in bound.iter().enumerate() {
+                let buffer = match slot {
+                    Some(slot) => {
+                        &buffers[plan.storages[plan.slot_storage[&normalize(&graph, *slot)]].buffer]
+                    }
+                    None => &dummy,
+                };
+                entries.push(wgpu::BindGroupEntry {
+                    binding: i as u32 + 1,
+                    resource: buffer.as_entire_binding(),
+                });
+            }
+            let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(&k.node),
+                layout: &pipeline.layout,
+                entries: &entries,
+            });
+            kernels.push(ReadyKernel {
+                pipeline,
+                bind_group,
+                workgroups: k.workgroups,
+            });
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(format!(
+                "creating the session's resources failed: {e}"
+            )));
+        }
+        let lr = spec.optimizer.as_ref().map(|o| o.lr).unwrap_or(0.0);
+        Ok(Session {
+            gpu: gpu.clone(),
+            graph,
+            plan,
+            buffers,
+            kernels,
+            optimizer_step: 0,
+            lr,
+        })
+    }
+
+    pub fn stats(&self) -> &StepStats {
+        &self.plan.stats
+    }
+
+    fn buffer_of(&self, slot: Slot) -> Result<(&wgpu::Buffer, usize)> {
+        let sid = self.plan.slot_storage.get(&normalize(&self.graph, slot)).ok_or_else(|| {
+            let t = match slot {
+                Slot::Value(t) | Slot::Grad(t) => self.graph.desc(t).name.clone(),
+                other => format!("{other:?}"),
+            };
+            Error::Tensor {
+                name: t,
+                msg: format!("{slot:?} is not used by this session (not an input, output or kept gradient)"),
+            }
+        })?;
+        let s = &self.plan.storages[*sid];
+        Ok((&self.buffers[s.buffer], *sid))
+    }
+
+    /// Upload f32 values into a tensor, converting to its storage dtype.
+    pub fn write(&self, t: TensorId, values: &[f32]) -> Result<()> {
+        let d = self.graph.desc(t);
+        if values.len() != d.numel() {
+            return Err(Error::Tensor {
+                name: d.name.clone(),
+                msg: format!(
+                    "expected {} values for shape {:?}, got {}",
+                    d.numel(),
+                    d.shape,
+                    values.len()
+                ),
+            });
+        }
+        let (buf, _) = self.buffer_of(Slot::Value(t))?;
+        self.gpu.write(buf, &d.dtype.encode(values));
+        Ok(())
+    }
+
+    /// Read a tensor's values (after a step) as f32.
+    pub async fn read(&self, t: TensorId) -> Result<Vec<f32>> {
+        self.read_slot(t, Slot::Value(t)).await
+    }
+
+    /// Read a tensor's gradient (kept by `RunSpec::grads`, or a parameter's).
+    pub async fn read_grad(&self, t: TensorId) -> Result<Vec<f32>> {
+        self.read_slot(t, Slot::Grad(t)).await
+    }
+
+    async fn read_slot(&self, t: TensorId, slot: Slot) -> Result<Vec<f32>> {
+        let (buf, sid) = self.buffer_of(slot)?;
+        let s = &self.plan.storages[sid];
+        if !s.persistent {
+            return Err(Error::Tensor {
+                name: self.graph.desc(t).name.clone(),
+                msg: "its memory is reused within a step; list it in RunSpec outputs/grads to read it".into(),
+            });
+        }
+        let bytes = (s.numel * s.dtype.size_bytes()) as u64;
+        let raw = read_buffer(&self.gpu, buf, bytes).await?;
+        Ok(s.dtype.decode(&raw, s.numel))
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read_blocking(&self, t: TensorId) -> Result<Vec<f32>> {
+        pollster::block_on(self.read(t))
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read_grad_blocking(&self, t: TensorId) -> Result<Vec<f32>> {
+        pollster::block_on(self.read_grad(t))
+    }
+
+    pub fn set_lr(&mut self, lr: f32) {
+        self.lr = lr;
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn optimizer_steps(&self) -> u64 {
+        self.optimizer_step
+    }
+
+    /// Encode every dispatch of the schedule into one pass and submit once.
+    pub fn step(&mut self) -> Result<()> {
+        if let Some(slot) = self.plan.adamw_step {
+            self.optimizer_step += 1;
+            let t = self.optimizer_step as i32;
+            let opt = self.plan.adamw.clone().unwrap_or_default();
+            let words = [
+                self.lr,
+                1.0 - (opt.beta1 as f64).powi(t) as f32,
+                1.0 - (opt.beta2 as f64).powi(t) as f32,
+                0.0,
+            ];
+            let (buf, _) = self.buffer_of(slot)?;
+            self.gpu
+                .queue
+                .write_buffer(buf, 0, bytemuck::cast_slice(&words));
+        }
+        let mut enc = self
+            .gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("step"),
+            });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("step"),
+                timestamp_writes: None,
+            });
+            for k in &self.kernels {
+                pass.set_pipeline(&k.pipeline.pipeline);
+                pass.set_bind_group(0, &k.bind_group, &[]);
+                let [x, y, z] = k.workgroups;
+                pass.dispatch_workgroups(x, y, z);
+            }
+        }
+        self.gpu.queue.submit([enc.finish()]);
+        Ok(())
+    }
+}

@@ -1,0 +1,464 @@
+//! Batched matmul and linear layers. Forward and both backward products run
+//! the one strided GEMM kernel in `shaders/matmul.wgsl`; the bias gradient is
+//! a column sum (`elementwise::broadcast_reduce`).
+
+use super::elementwise::{broadcast_layout, emit_broadcast_reduce};
+use crate::error::{shape_err, Result};
+use crate::graph::{Emit, Graph, Kernel, OpKernels, Slot, TensorId};
+
+/// `out = op(a) @ op(b) (+ bias)`, op = transpose when asked.
+///
+/// Shapes: a `[.., M, K]` (`[.., K, M]` transposed); b `[K, N]` (`[N, K]`
+/// transposed) shared by every batch, or `[.., K, N]` with a's batch dims;
+/// bias `[N]`; out `[.., M, N]`.
+#[derive(Clone, Debug)]
+pub struct Matmul {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub bias: bool,
+}
+
+/// A(z, m, k) = buf[z * bs + m * rs + k * cs]
+#[derive(Clone, Copy, Debug)]
+struct Operand {
+    slot: Slot,
+    bs: usize,
+    rs: usize,
+    cs: usize,
+}
+
+/// One GEMM launch: c[z] = beta * c[z] + A[z] B[z] (+ bias), c contiguous.
+struct Gemm {
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand,
+    b: Operand,
+    bias: Option<Slot>,
+    c: Slot,
+    beta: f32,
+}
+
+/// The tile each invocation computes, per adapter: CPU adapters run one SIMD
+/// lane per invocation and favour big register tiles; GPUs want more threads.
+fn tile(e: &Emit) -> (u32, u32, u32, u32) {
+    if e.caps.is_cpu {
+        (8, 8, 8, 1)
+    } else {
+        (4, 4, 16, 16)
+    }
+}
+
+fn emit_gemm(e: &mut Emit, g: Gemm) {
+    let (tm, tn, wgx, wgy) = tile(e);
+    let gx = g.n.div_ceil((wgx * tn) as usize) as u32;
+    let gy = g.m.div_ceil((wgy * tm) as usize) as u32;
+    let mut k = Kernel::new("matmul", "gemm")
+        .konst("TM", format!("{tm}u"))
+        .konst("TN", format!("{tn}u"))
+        .konst("WGX", format!("{wgx}u"))
+        .konst("WGY", format!("{wgy}u"))
+        .bind("a", g.a.slot)
+        .bind("b", g.b.slot)
+        .bind("c", g.c);
+    if let Some(bias) = g.bias {
+        k = k.bind("bias", bias).konst("HAS_BIAS", "true");
+    }
+    if g.b.cs == 1 && g.n % 4 == 0 {
+        k = k.konst("B_ROW_CONTIGUOUS", "true");
+    }
+    let k = k
+        .u32(g.m)
+        .u32(g.n)
+        .u32(g.k)
+        .u32(g.a.bs)
+        .u32(g.a.rs)
+        .u32(g.a.cs)
+        .u32(g.b.bs)
+        .u32(g.b.rs)
+        .u32(g.b.cs)
+        .f32(g.beta)
+        .groups(gx, gy, g.batch as u32);
+    e.push(k);
+}
+
+/// The logical problem of a matmul node.
+struct Dims {
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    /// b is one matrix shared by all batches (folded into M).
+    shared_b: bool,
+}
+
+impl Matmul {
+    fn dims(&self, a: &[usize], b: &[usize]) -> std::result::Result<Dims, String> {
+        if a.len() < 2 || b.len() < 2 {
+            return Err(format!(
+                "operands need at least 2 dims, got {a:?} and {b:?}"
+            ));
+        }
+        let (ar, ac) = (a[a.len() - 2], a[a.len() - 1]);
+        let (m, ka) = if self.trans_a { (ac, ar) } else { (ar, ac) };
+        let (br, bc) = (b[b.len() - 2], b[b.len() - 1]);
+        let (kb, n) = if self.trans_b { (bc, br) } else { (br, bc) };
+        if ka != kb {
+            return Err(format!(
+                "inner dims differ: a {a:?}{} vs b {b:?}{}",
+                if self.trans_a { "^T" } else { "" },
+                if self.trans_b { "^T" } else { "" }
+            ));
+        }
+        let a_batch: usize = a[..a.len() - 2].iter().product();
+        if b.len() == 2 {
+            if self.trans_a && a_batch > 1 {
+                return Err(format!(
+                    "a transposed with batch dims {a:?} needs a batched b, got {b:?}"
+                ));
+            }
+            return Ok(Dims {
+                batch: 1,
+                m: m * a_batch,
+                n,
+                k: ka,
+                shared_b: true,
+            });
+        }
+        if a[..a.len() - 2] != b[..b.len() - 2] {
+            return Err(format!("batch dims differ: {a:?} vs {b:?}"));
+        }
+        Ok(Dims {
+            batch: a_batch,
+            m,
+            n,
+            k: ka,
+            shared_b: false,
+        })
+    }
+
+    fn a_operand(&self, slot: Slot, d: &Dims) -> Operand {
+        let bs = d.m * d.k;
+        if self.trans_a {
+            Operand {
+                slot,
+                bs,
+                rs: 1,
+                cs: d.m,
+            }
+        } else {
+            Operand {
+                slot,
+                bs,
+                rs: d.k,
+                cs: 1,
+            }
+        }
+    }
+
+    fn b_operand(&self, slot: Slot, d: &Dims) -> Operand {
+        let bs = if d.shared_b { 0 } else { d.k * d.n };
+        if self.trans_b {
+            Operand {
+                slot,
+                bs,
+                rs: 1,
+                cs: d.k,
+            }
+        } else {
+            Operand {
+                slot,
+                bs,
+                rs: d.n,
+                cs: 1,
+            }
+        }
+    }
+}
+
+/// The operand "X^T" of an operand X (swap its row and column strides).
+fn t(o: Operand) -> Operand {
+    Operand {
+        rs: o.cs,
+        cs: o.rs,
+        ..o
+    }
+}
+
+impl Graph {
+    /// `a @ b` (batched; b may be a shared 2-D matrix).
+    pub fn matmul(
+        &mut self,
+        a: TensorId,
+        b: TensorId,
+        trans_a: bool,
+        trans_b: bool,
+    ) -> Result<TensorId> {
+        self.matmul_node(
+            Matmul {
+                trans_a,
+                trans_b,
+                bias: false,
+            },
+            &[a, b],
+        )
+    }
+
+    /// torch's `nn.Linear`: `x @ weight^T + bias`, weight `[out, in]`.
+    pub fn linear(
+        &mut self,
+        x: TensorId,
+        weight: TensorId,
+        bias: Option<TensorId>,
+    ) -> Result<TensorId> {
+        let op = Matmul {
+            trans_a: false,
+            trans_b: true,
+            bias: bias.is_some(),
+        };
+        match bias {
+            Some(b) => self.matmul_node(op, &[x, weight, b]),
+            None => self.matmul_node(op, &[x, weight]),
+        }
+    }
+
+    fn matmul_node(&mut self, op: Matmul, inputs: &[TensorId]) -> Result<TensorId> {
+        let (a, b) = (
+            self.shape(inputs[0]).to_vec(),
+            self.shape(inputs[1]).to_vec(),
+        );
+        let d = op.dims(&a, &b).map_err(|m| shape_err("matmul", m))?;
+        if op.bias && self.shape(inputs[2]) != [d.n] {
+            return Err(shape_err(
+                "matmul",
+                format!("bias {:?} must be [{}]", self.shape(inputs[2]), d.n),
+            ));
+        }
+        let mut out = a[..a.len() - 2].to_vec();
+        let m = if op.trans_a {
+            a[a.len() - 1]
+        } else {
+            a[a.len() - 2]
+        };
+        out.extend([m, d.n]);
+        let dt = self.dtype(inputs[0]);
+        Ok(self.add_node(op.into(), inputs, &[(out, dt)])[0])
+    }
+}
+
+impl OpKernels for Matmul {
+    fn kind(&self) -> &'static str {
+        "matmul"
+    }
+
+    fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
+        let d = self
+            .dims(e.shape(i[0]), e.shape(i[1]))
+            .map_err(|m| shape_err("matmul", m))?;
+        let g = Gemm {
+            batch: d.batch,
+            m: d.m,
+            n: d.n,
+            k: d.k,
+            a: self.a_operand(Slot::Value(i[0]), &d),
+            b: self.b_operand(Slot::Value(i[1]), &d),
+            bias: self.bias.then(|| Slot::Value(i[2])),
+            c: Slot::Value(o[0]),
+            beta: 0.0,
+        };
+        emit_gemm(e, g);
+        Ok(())
+    }
+
+    fn backward(&self, e: &mut Emit, i: &[TensorId], _o: &[TensorId]) -> Result<()> {
+        let Some(dc) = e.grad_out(0) else {
+            return Ok(());
+        };
+        let d = self
+            .dims(e.shape(i[0]), e.shape(i[1]))
+            .map_err(|m| shape_err("matmul", m))?;
+        let a = self.a_operand(Slot::Value(i[0]), &d);
+        let b = self.b_operand(Slot::Value(i[1]), &d);
+        let dc_op = Operand {
+            slot: dc,
+            bs: d.m * d.n,
+            rs: d.n,
+            cs: 1,
+        };
+        if let Some(da) = e.grad_in(0) {
+            // dA = dC B^T (M x K); stored transposed when a was: dA^T = B dC^T.
+            let g = if self.trans_a {
+                Gemm {
+                    batch: d.batch,
+                    m: d.k,
+                    n: d.m,
+                    k: d.n,
+                    a: b,
+                    b: t(dc_op),
+                    bias: None,
+                    c: da.slot,
+                    beta: da.beta(),
+                }
+            } else {
+                Gemm {
+                    batch: d.batch,
+                    m: d.m,
+                    n: d.k,
+                    k: d.n,
+                    a: dc_op,
+                    b: t(b),
+                    bias: None,
+                    c: da.slot,
+                    beta: da.beta(),
+                }
+            };
+            emit_gemm(e, g);
+        }
+        if let Some(db) = e.grad_in(1) {
+            // dB = A^T dC (K x N); stored transposed when b was: dB^T = dC^T A.
+            // A shared b was folded into M, so this sums over the batch too.
+            let g = if self.trans_b {
+                Gemm {
+                    batch: d.batch,
+                    m: d.n,
+                    n: d.k,
+                    k: d.m,
+                    a: t(dc_op),
+                    b: a,
+                    bias: None,
+                    c: db.slot,
+                    beta: db.beta(),
+                }
+            } else {
+                Gemm {
+                    batch: d.batch,
+                    m: d.k,
+                    n: d.n,
+                    k: d.m,
+                    a: t(a),
+                    b: dc_op,
+                    bias: None,
+                    c: db.slot,
+                    beta: db.beta(),
+                }
+            };
+            emit_gemm(e, g);
+        }
+        if self.bias {
+            if let Some(dbias) = e.grad_in(2) {
+                let l = broadcast_layout(&[d.batch * d.m, d.n], &[d.n])
+                    .map_err(|m| shape_err("matmul", m))?;
+                emit_broadcast_reduce(e, dbias.slot, dc, None, &l, dbias.beta());
+            }
+        }
+        Ok(())
+    }
+
+    fn flops(&self, g: &Graph, i: &[TensorId], _o: &[TensorId]) -> u64 {
+        self.dims(g.shape(i[0]), g.shape(i[1]))
+            .map(|d| 2 * (d.batch * d.m * d.n * d.k) as u64)
+            .unwrap_or(0)
+    }
+}
+
+/// CPU reference: out[z] = op(a[z]) @ op(b[z]) (+ bias), f64.
+pub fn matmul_cpu(
+    a: &[f64],
+    b: &[f64],
+    bias: Option<&[f64]>,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    shared_b: bool,
+) -> Vec<f64> {
+    let mut out = vec![0.0; batch * m * n];
+    for z in 0..batch {
+        for r in 0..m {
+            for c in 0..n {
+                let mut s = bias.map(|b| b[c]).unwrap_or(0.0);
+                for q in 0..k {
+                    let av = if trans_a {
+                        a[z * m * k + q * m + r]
+                    } else {
+                        a[z * m * k + r * k + q]
+                    };
+                    let bz = if shared_b { 0 } else { z * k * n };
+                    let bv = if trans_b {
+                        b[bz + c * k + q]
+                    } else {
+                        b[bz + q * n + c]
+                    };
+                    s += av * bv;
+                }
+                out[z * m * n + r * n + c] = s;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::ops::testing::{check_op, check_op_all_dtypes, CaseInput};
+
+    #[test]
+    fn linear_odd_shapes_all_dtypes() {
+        // x [2, 5, 7] @ W[9, 7]^T + b[9]: M = 10 and N = 9 do not divide the tiles.
+        check_op_all_dtypes(
+            "linear_2x5x7_to_9",
+            &[
+                CaseInput::act(&[2, 5, 7]),
+                CaseInput::param(&[9, 7]),
+                CaseInput::param(&[9]),
+            ],
+            &|g, x| g.linear(x[0], x[1], Some(x[2])),
+            &|x| matmul_cpu(&x[0], &x[1], Some(&x[2]), 1, 10, 9, 7, false, true, true),
+        );
+    }
+
+    #[test]
+    fn batched_matmul_transposes() {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (bt, m, n, k) = (3, 5, 6, 4);
+            let ash = if ta { [bt, k, m] } else { [bt, m, k] };
+            let bsh = if tb { [bt, n, k] } else { [bt, k, n] };
+            check_op(
+                &format!("bmm_ta{ta}_tb{tb}"),
+                &[CaseInput::act(&ash), CaseInput::act(&bsh)],
+                &|g, x| g.matmul(x[0], x[1], ta, tb),
+                &|x| matmul_cpu(&x[0], &x[1], None, bt, m, n, k, ta, tb, false),
+                DType::F32,
+                false,
+            );
+        }
+    }
+
+    #[test]
+    fn matmul_bigger_than_one_tile_all_dtypes() {
+        let (m, n, k) = (70, 37, 33);
+        check_op_all_dtypes(
+            "matmul_70x33x37",
+            &[CaseInput::act(&[m, k]), CaseInput::act(&[k, n])],
+            &|g, x| g.matmul(x[0], x[1], false, false),
+            &|x| matmul_cpu(&x[0], &x[1], None, 1, m, n, k, false, false, true),
+        );
+    }
+
+    #[test]
+    fn shape_errors_name_the_shapes() {
+        let mut g = Graph::new();
+        let a = g.input("a", &[2, 3], DType::F32);
+        let b = g.input("b", &[4, 5], DType::F32);
+        let err = g.matmul(a, b, false, false).unwrap_err().to_string();
+        assert!(
+            err.contains("matmul") && err.contains("[2, 3]") && err.contains("[4, 5]"),
+            "{err}"
+        );
+    }
+}
