@@ -6,6 +6,8 @@
 //! sessions), `ops` (one file per op: forward and backward kernels, CPU
 //! reference, tests), `gpu` (device, pipelines, shaders, readback).
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod bench;
 pub mod dtype;
 pub mod error;
 pub mod gpu;

@@ -33,8 +33,10 @@ impl AdapterChoice {
     }
 
     fn backends(&self) -> Result<wgpu::Backends> {
+        // GL only when asked: it has neither f16 nor subgroups, and probing it
+        // prints loader noise on headless Linux.
         let Some(list) = &self.backend else {
-            return Ok(wgpu::Backends::all());
+            return Ok(wgpu::Backends::PRIMARY);
         };
         let mut out = wgpu::Backends::empty();
         for b in list.split(',').map(|s| s.trim().to_ascii_lowercase()) {
@@ -44,11 +46,13 @@ impl AdapterChoice {
                 "dx12" | "d3d12" => wgpu::Backends::DX12,
                 "gl" | "gles" | "opengl" => wgpu::Backends::GL,
                 "webgpu" | "browser" => wgpu::Backends::BROWSER_WEBGPU,
-                other => return Err(Error::NoAdapter {
-                    detail: format!(
+                other => {
+                    return Err(Error::NoAdapter {
+                        detail: format!(
                         " (unknown backend '{other}'; expected vulkan, metal, dx12, gl or webgpu)"
                     ),
-                }),
+                    })
+                }
             };
         }
         Ok(out)

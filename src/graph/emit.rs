@@ -155,6 +155,15 @@ impl<'g> Emit<'g> {
         self.graph.numel(t)
     }
 
+    /// The storage dtype behind a slot.
+    pub fn slot_dtype(&self, slot: Slot) -> DType {
+        match slot {
+            Slot::Value(t) | Slot::Grad(t) => self.graph.dtype(t),
+            Slot::Temp(i) => self.temps[i].dtype,
+            Slot::Persistent(i) => self.persistents[i].dtype,
+        }
+    }
+
     pub fn node_name(&self) -> &str {
         &self.node_name
     }

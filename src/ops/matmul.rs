@@ -40,33 +40,50 @@ struct Gemm {
     beta: f32,
 }
 
-/// The tile each invocation computes, per adapter: CPU adapters run one SIMD
-/// lane per invocation and favour big register tiles; GPUs want more threads.
-fn tile(e: &Emit) -> (u32, u32, u32, u32) {
+/// Register tile and workgroup width per adapter: (RB, CB, WGX): each
+/// invocation owns 4 RB rows x 4 CB columns, a workgroup WGX invocations.
+/// CPU adapters (llvmpipe) run a workgroup of 8 as one SIMD group and favour
+/// big register tiles; GPUs want wide workgroups for coalesced B reads.
+fn tile(e: &Emit) -> (usize, usize, usize) {
     if e.caps.is_cpu {
-        (8, 8, 8, 1)
+        (4, 2, 8)
     } else {
-        (4, 4, 16, 16)
+        (2, 1, 64)
     }
 }
 
 fn emit_gemm(e: &mut Emit, g: Gemm) {
-    let (tm, tn, wgx, wgy) = tile(e);
-    let gx = g.n.div_ceil((wgx * tn) as usize) as u32;
-    let gy = g.m.div_ceil((wgy * tm) as usize) as u32;
+    let (rb, cb, wgx) = tile(e);
+    let (tm, pw) = (4 * rb, 4 * cb * wgx);
+    let panels = g.n.div_ceil(pw);
+    // 1. Pack B into PW-wide panels (zero past N).
+    let total = g.batch * panels * g.k * pw;
+    let b_dtype = e.slot_dtype(g.b.slot);
+    let bp = e.temp("packed_b", total, b_dtype);
+    e.push(
+        Kernel::new("matmul", "pack_b")
+            .konst("PW", format!("{pw}u"))
+            .bind("b", g.b.slot)
+            .bind("bp", bp)
+            .u32(g.n)
+            .u32(g.k)
+            .u32(g.b.bs)
+            .u32(g.b.rs)
+            .u32(g.b.cs)
+            .u32(panels)
+            .u32(total)
+            .groups_1d(total / 4, 256),
+    );
+    // 2. The register-tiled product.
     let mut k = Kernel::new("matmul", "gemm")
-        .konst("TM", format!("{tm}u"))
-        .konst("TN", format!("{tn}u"))
+        .konst("RB", format!("{rb}u"))
+        .konst("CB", format!("{cb}u"))
         .konst("WGX", format!("{wgx}u"))
-        .konst("WGY", format!("{wgy}u"))
         .bind("a", g.a.slot)
-        .bind("b", g.b.slot)
+        .bind("bp", bp)
         .bind("c", g.c);
     if let Some(bias) = g.bias {
         k = k.bind("bias", bias).konst("HAS_BIAS", "true");
-    }
-    if g.b.cs == 1 && g.n % 4 == 0 {
-        k = k.konst("B_ROW_CONTIGUOUS", "true");
     }
     let k = k
         .u32(g.m)
@@ -75,11 +92,9 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
         .u32(g.a.bs)
         .u32(g.a.rs)
         .u32(g.a.cs)
-        .u32(g.b.bs)
-        .u32(g.b.rs)
-        .u32(g.b.cs)
+        .u32(panels)
         .f32(g.beta)
-        .groups(gx, gy, g.batch as u32);
+        .groups(panels as u32, g.m.div_ceil(tm) as u32, g.batch as u32);
     e.push(k);
 }
 

@@ -58,3 +58,77 @@ pub fn emit_adamw(e: &mut Emit, params: &[TensorId], opt: &AdamW) -> Result<Slot
     }
     Ok(hyper)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::graph::{AdamW, Graph, RunSpec, Session};
+    use crate::ops::testing::{gpu, random};
+    use crate::DType;
+    use std::sync::Arc;
+
+    /// torch.optim.AdamW after clip_grad_norm_, in f64.
+    fn adamw_cpu(w: &mut [f64], m: &mut [f64], v: &mut [f64], g: &[f64], t: i32, o: &AdamW) {
+        let norm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let clip = o
+            .max_grad_norm
+            .map(|mx| (mx as f64 / (norm + 1e-6)).min(1.0))
+            .unwrap_or(1.0);
+        let (b1, b2, lr) = (o.beta1 as f64, o.beta2 as f64, o.lr as f64);
+        for i in 0..w.len() {
+            let gi = g[i] * clip;
+            w[i] *= 1.0 - lr * o.weight_decay as f64;
+            m[i] = b1 * m[i] + (1.0 - b1) * gi;
+            v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+            let denom = v[i].sqrt() / (1.0 - b2.powi(t)).sqrt() + o.eps as f64;
+            w[i] -= lr / (1.0 - b1.powi(t)) * m[i] / denom;
+        }
+    }
+
+    #[test]
+    fn adamw_with_clipping_matches_torch_formula() {
+        // loss = mean((w - target)^2): grad = 2 (w - target) / n, clipped to norm 0.05.
+        for max_grad_norm in [None, Some(0.05)] {
+            let n = 37;
+            let opt = AdamW {
+                lr: 0.01,
+                weight_decay: 0.1,
+                max_grad_norm,
+                ..Default::default()
+            };
+            let mut g = Graph::new();
+            let w = g.param("w", &[n]);
+            let target = g.input("target", &[n], DType::F32);
+            let loss = g.mse_loss(w, target).unwrap();
+            let seed = g.input("seed", &[1], DType::F32);
+            let spec = RunSpec {
+                outputs: vec![loss],
+                seeds: vec![(loss, seed)],
+                optimizer: Some(opt.clone()),
+                ..Default::default()
+            };
+            let mut s = Session::new(gpu(), Arc::new(g), spec).unwrap();
+            let w0 = random(n, 1);
+            let t0 = random(n, 2);
+            s.write(w, &w0).unwrap();
+            s.write(target, &t0).unwrap();
+            s.write(seed, &[1.0]).unwrap();
+            let mut wc: Vec<f64> = w0.iter().map(|&x| x as f64).collect();
+            let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+            for step in 1..=3 {
+                let grad: Vec<f64> = wc
+                    .iter()
+                    .zip(&t0)
+                    .map(|(a, &b)| 2.0 * (a - b as f64) / n as f64)
+                    .collect();
+                adamw_cpu(&mut wc, &mut m, &mut v, &grad, step, &opt);
+                s.step().unwrap();
+            }
+            let got = s.read_blocking(w).unwrap();
+            let err = crate::ops::testing::rel_l2(&got, &wc);
+            assert!(
+                err < 1e-6,
+                "max_grad_norm {max_grad_norm:?}: AdamW rel error {err:.2e}"
+            );
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! `difftrain bench ops`: per-op microbenchmarks through the real runner
+//! (Graph -> Session::step), reporting the median step time, GFLOP/s or
+//! GB/s, dispatches and submissions per step, and planned buffer memory.
+
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::graph::{Graph, RunSpec, Session, TensorId};
+use crate::ops::testing::random;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How a case's throughput is reported.
+#[derive(Clone, Copy, Debug)]
+pub enum Work {
+    Flops(u64),
+    Bytes(u64),
+}
+
+/// One benchmark: a graph, and whether the step includes the backward pass.
+pub struct BenchCase {
+    pub name: String,
+    pub shape: String,
+    pub dtype: DType,
+    pub backward: bool,
+    /// Builds the graph from its inputs; returns the output.
+    pub build: Box<dyn Fn(&mut Graph, DType) -> Result<TensorId>>,
+    pub work: Work,
+}
+
+/// What one case measured.
+#[derive(Clone, Debug)]
+pub struct BenchResult {
+    pub name: String,
+    pub shape: String,
+    pub dtype: DType,
+    pub backward: bool,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    /// GFLOP/s or GB/s, by `work`.
+    pub rate: f64,
+    pub rate_unit: &'static str,
+    pub dispatches: usize,
+    pub submissions: usize,
+    pub pooled_bytes: u64,
+    pub persistent_bytes: u64,
+}
+
+/// Time `case`: build, plan, warm up (pipeline compilation happens at the
+/// first dispatch on some drivers), then `iters` timed steps, each waited for.
+pub fn run_case(gpu: &Gpu, case: &BenchCase, iters: usize) -> Result<BenchResult> {
+    let mut g = Graph::new();
+    let out = (case.build)(&mut g, case.dtype)?;
+    let mut spec = RunSpec {
+        outputs: vec![out],
+        ..Default::default()
+    };
+    if case.backward {
+        let s = g.input("seed", &g.shape(out).to_vec(), g.dtype(out));
+        spec.seeds = vec![(out, s)];
+    }
+    let inputs: Vec<TensorId> = (0..g.tensors.len())
+        .map(TensorId)
+        .filter(|&t| !matches!(g.desc(t).role, crate::graph::Role::Activation))
+        .collect();
+    let graph = Arc::new(g);
+    let mut s = Session::new(gpu, graph.clone(), spec)?;
+    for (k, &t) in inputs.iter().enumerate() {
+        s.write(t, &random(graph.numel(t), k as u64))?;
+    }
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters + 2 {
+        let t0 = Instant::now();
+        s.step()?;
+        gpu.wait()?;
+        if i >= 2 {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median_ms = times[times.len() / 2];
+    let (rate, rate_unit) = match case.work {
+        Work::Flops(f) => (f as f64 / (median_ms * 1e-3) / 1e9, "GFLOP/s"),
+        Work::Bytes(b) => (b as f64 / (median_ms * 1e-3) / 1e9, "GB/s"),
+    };
+    let st = s.stats();
+    Ok(BenchResult {
+        name: case.name.clone(),
+        shape: case.shape.clone(),
+        dtype: case.dtype,
+        backward: case.backward,
+        median_ms,
+        min_ms: times[0],
+        rate,
+        rate_unit,
+        dispatches: st.dispatches,
+        submissions: st.submissions,
+        pooled_bytes: st.pooled_bytes,
+        persistent_bytes: st.persistent_bytes,
+    })
+}
+
+/// The `bench ops` cases of the foundation issue.
+pub fn op_cases() -> Vec<BenchCase> {
+    let mut cases = Vec::new();
+    for dtype in DType::ALL {
+        let (m, n, k) = (1024usize, 1024usize, 1024usize);
+        cases.push(BenchCase {
+            name: "matmul".into(),
+            shape: format!("{m}x{k} @ {k}x{n}"),
+            dtype,
+            backward: false,
+            build: Box::new(move |g, dt| {
+                let a = g.input("a", &[m, k], dt);
+                let b = g.input("b", &[k, n], dt);
+                g.matmul(a, b, false, false)
+            }),
+            work: Work::Flops(2 * (m * n * k) as u64),
+        });
+    }
+    cases
+}
+
+/// Render results as an aligned table.
+pub fn table(results: &[BenchResult]) -> String {
+    let mut s = format!(
+        "{:<22} {:<28} {:<5} {:>10} {:>10} {:>12} {:>6} {:>5} {:>10} {:>10}\n",
+        "op",
+        "shape",
+        "dtype",
+        "median ms",
+        "min ms",
+        "rate",
+        "disp",
+        "subm",
+        "pool MiB",
+        "persist MiB"
+    );
+    for r in results {
+        let name = format!("{}{}", r.name, if r.backward { " fwd+bwd" } else { " fwd" });
+        s += &format!(
+            "{:<22} {:<28} {:<5} {:>10.2} {:>10.2} {:>6.1} {:<5} {:>6} {:>5} {:>10.2} {:>10.2}\n",
+            name,
+            r.shape,
+            r.dtype.name(),
+            r.median_ms,
+            r.min_ms,
+            r.rate,
+            r.rate_unit,
+            r.dispatches,
+            r.submissions,
+            r.pooled_bytes as f64 / (1 << 20) as f64,
+            r.persistent_bytes as f64 / (1 << 20) as f64
+        );
+    }
+    s
+}
