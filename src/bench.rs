@@ -17,14 +17,16 @@ pub enum Work {
     Bytes(u64),
 }
 
+/// Builds a case's graph for a storage dtype; returns the output.
+pub type BuildGraph = Box<dyn Fn(&mut Graph, DType) -> Result<TensorId>>;
+
 /// One benchmark: a graph, and whether the step includes the backward pass.
 pub struct BenchCase {
     pub name: String,
     pub shape: String,
     pub dtype: DType,
     pub backward: bool,
-    /// Builds the graph from its inputs; returns the output.
-    pub build: Box<dyn Fn(&mut Graph, DType) -> Result<TensorId>>,
+    pub build: BuildGraph,
     pub work: Work,
 }
 
@@ -56,7 +58,8 @@ pub fn run_case(gpu: &Gpu, case: &BenchCase, iters: usize) -> Result<BenchResult
         ..Default::default()
     };
     if case.backward {
-        let s = g.input("seed", &g.shape(out).to_vec(), g.dtype(out));
+        let shape = g.shape(out).to_vec();
+        let s = g.input("seed", &shape, g.dtype(out));
         spec.seeds = vec![(out, s)];
     }
     let inputs: Vec<TensorId> = (0..g.tensors.len())

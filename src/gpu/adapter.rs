@@ -81,6 +81,7 @@ impl AdapterReport {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// Ranks adapters: discrete GPU, integrated, virtual, CPU, other; on a tie
 /// Vulkan/Metal/DX12/WebGPU before GL (GL has neither f16 nor subgroups).
 fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {

@@ -107,7 +107,7 @@ impl Gpu {
 
     /// Write bytes at the start of `buffer`, padded to the 4-byte copy alignment.
     pub fn write(&self, buffer: &wgpu::Buffer, bytes: &[u8]) {
-        if bytes.len() % 4 == 0 {
+        if bytes.len().is_multiple_of(4) {
             self.queue.write_buffer(buffer, 0, bytes);
         } else {
             let mut padded = bytes.to_vec();

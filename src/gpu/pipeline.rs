@@ -2,7 +2,9 @@
 
 use super::shader::{Access, ShaderFile, Storage};
 use super::Capabilities;
-use crate::error::{Error, Result};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::error::Error;
+use crate::error::Result;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -150,7 +152,8 @@ impl std::fmt::Debug for PipelineCache {
 }
 
 /// Map a shader creation failure to our error type.
-pub fn shader_error(key: &KernelKey, msg: impl Into<String>) -> Error {
+#[cfg(not(target_arch = "wasm32"))]
+fn shader_error(key: &KernelKey, msg: impl Into<String>) -> Error {
     Error::Shader {
         shader: format!("{}::{}", key.shader, key.entry),
         msg: msg.into(),

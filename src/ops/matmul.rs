@@ -377,39 +377,50 @@ impl OpKernels for Matmul {
     }
 }
 
+/// The sizes and layout of a CPU reference matmul.
+#[derive(Clone, Copy, Debug)]
+pub struct MatmulShape {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    /// b is one matrix for every batch.
+    pub shared_b: bool,
+}
+
 /// CPU reference: out[z] = op(a[z]) @ op(b[z]) (+ bias), f64.
-pub fn matmul_cpu(
-    a: &[f64],
-    b: &[f64],
-    bias: Option<&[f64]>,
-    batch: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
-    shared_b: bool,
-) -> Vec<f64> {
+pub fn matmul_cpu(a: &[f64], b: &[f64], bias: Option<&[f64]>, s: MatmulShape) -> Vec<f64> {
+    let MatmulShape {
+        batch,
+        m,
+        n,
+        k,
+        trans_a,
+        trans_b,
+        shared_b,
+    } = s;
     let mut out = vec![0.0; batch * m * n];
     for z in 0..batch {
+        let bz = if shared_b { 0 } else { z * k * n };
         for r in 0..m {
             for c in 0..n {
-                let mut s = bias.map(|b| b[c]).unwrap_or(0.0);
+                let mut acc = bias.map(|b| b[c]).unwrap_or(0.0);
                 for q in 0..k {
                     let av = if trans_a {
                         a[z * m * k + q * m + r]
                     } else {
                         a[z * m * k + r * k + q]
                     };
-                    let bz = if shared_b { 0 } else { z * k * n };
                     let bv = if trans_b {
                         b[bz + c * k + q]
                     } else {
                         b[bz + q * n + c]
                     };
-                    s += av * bv;
+                    acc += av * bv;
                 }
-                out[z * m * n + r * n + c] = s;
+                out[z * m * n + r * n + c] = acc;
             }
         }
     }
@@ -433,7 +444,22 @@ mod tests {
                 CaseInput::param(&[9]),
             ],
             &|g, x| g.linear(x[0], x[1], Some(x[2])),
-            &|x| matmul_cpu(&x[0], &x[1], Some(&x[2]), 1, 10, 9, 7, false, true, true),
+            &|x| {
+                matmul_cpu(
+                    &x[0],
+                    &x[1],
+                    Some(&x[2]),
+                    MatmulShape {
+                        batch: 1,
+                        m: 10,
+                        n: 9,
+                        k: 7,
+                        trans_a: false,
+                        trans_b: true,
+                        shared_b: true,
+                    },
+                )
+            },
         );
     }
 
@@ -447,7 +473,22 @@ mod tests {
                 &format!("bmm_ta{ta}_tb{tb}"),
                 &[CaseInput::act(&ash), CaseInput::act(&bsh)],
                 &|g, x| g.matmul(x[0], x[1], ta, tb),
-                &|x| matmul_cpu(&x[0], &x[1], None, bt, m, n, k, ta, tb, false),
+                &|x| {
+                    matmul_cpu(
+                        &x[0],
+                        &x[1],
+                        None,
+                        MatmulShape {
+                            batch: bt,
+                            m,
+                            n,
+                            k,
+                            trans_a: ta,
+                            trans_b: tb,
+                            shared_b: false,
+                        },
+                    )
+                },
                 DType::F32,
                 false,
             );
@@ -461,7 +502,22 @@ mod tests {
             "matmul_70x33x37",
             &[CaseInput::act(&[m, k]), CaseInput::act(&[k, n])],
             &|g, x| g.matmul(x[0], x[1], false, false),
-            &|x| matmul_cpu(&x[0], &x[1], None, 1, m, n, k, false, false, true),
+            &|x| {
+                matmul_cpu(
+                    &x[0],
+                    &x[1],
+                    None,
+                    MatmulShape {
+                        batch: 1,
+                        m,
+                        n,
+                        k,
+                        trans_a: false,
+                        trans_b: false,
+                        shared_b: true,
+                    },
+                )
+            },
         );
     }
 

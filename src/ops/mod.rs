@@ -7,5 +7,6 @@ pub mod matmul;
 pub mod optim;
 pub mod reduce;
 
+#[cfg(not(target_arch = "wasm32"))]
 #[doc(hidden)]
 pub mod testing;
