@@ -31,10 +31,12 @@ fn token_row(id: f32, rows: u32) -> u32 {
 
 //@ entry timestep_embedding
 //@ tensors t:read y:write
-// diffusers get_timestep_embedding, in torch's float32 op order:
-// freq_k = exp((-ln(max_period) * k) / (half - shift)), phase = t * freq_k,
-// y = [sin(phase) | cos(phase)] ([cos | sin] when flip), a zero column if dim is odd.
-struct Params { n: u32, dim: u32, half: u32, neg_log_period: f32, denom: f32, flip: u32 }
+//@ const FREQS = array<f32, 1>(1.0)
+// diffusers get_timestep_embedding: phase = t * freq_k, y = [sin(phase) |
+// cos(phase)] ([cos | sin] when flip), a zero column if dim is odd. FREQS
+// (half of them) come from the host exactly as torch rounds them: GPU exp and
+// division may be an ulp off, and the phase multiplies that by t (~1000).
+struct Params { n: u32, dim: u32, half: u32, flip: u32 }
 @compute @workgroup_size(WG)
 fn timestep_embedding(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_id(gid, nwg, WG);
@@ -44,9 +46,7 @@ fn timestep_embedding(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
     var v = 0.0;
     if (j < 2u * p.half) {
         let second = j >= p.half;
-        let k = select(j, j - p.half, second);
-        let freq = exp((p.neg_log_period * f32(k)) / p.denom);
-        let sc = sincos(t_load(row) * freq);
+        let sc = sincos(t_load(row) * FREQS[select(j, j - p.half, second)]);
         v = select(sc.x, sc.y, second != (p.flip != 0u));
     }
     y_store(i, v);

@@ -81,7 +81,7 @@ fn emit_copy(e: &mut Emit, l: &SliceLayout, src: Side, dst: Side, beta: f32) {
     let Some(dst_slot) = dst.slot else { return };
     let vec = [l.len, src.base, src.stride, dst.base, dst.stride]
         .iter()
-        .all(|v| v % 4 == 0);
+        .all(|v| v.is_multiple_of(4));
     let mut k = Kernel::new("concat", "copy_slice")
         .konst("VEC", vec)
         .bind("dst", dst_slot);
@@ -133,8 +133,8 @@ impl Graph {
         let mut out = base.clone();
         out[axis] = 0;
         for (s, &x) in shapes.iter().zip(xs) {
-            let same_rest = s.len() == base.len()
-                && (0..s.len()).all(|d| d == axis || s[d] == base[d]);
+            let same_rest =
+                s.len() == base.len() && (0..s.len()).all(|d| d == axis || s[d] == base[d]);
             if !same_rest {
                 return Err(shape_err(
                     "concat",
@@ -157,8 +157,7 @@ impl Graph {
     /// Split `x` along `axis` into pieces of extents `sizes` (summing to the axis).
     pub fn split(&mut self, x: TensorId, axis: usize, sizes: &[usize]) -> Result<Vec<TensorId>> {
         let shape = self.shape(x).to_vec();
-        if axis >= shape.len() || sizes.iter().sum::<usize>() != shape[axis] || sizes.is_empty()
-        {
+        if axis >= shape.len() || sizes.iter().sum::<usize>() != shape[axis] || sizes.is_empty() {
             return Err(shape_err(
                 "split",
                 format!("sizes {sizes:?} do not split axis {axis} of {shape:?}"),
@@ -220,10 +219,7 @@ impl OpKernels for Split {
     }
 
     fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
-        for (l, &y) in layouts(e.shape(i[0]), self.axis, &self.sizes)
-            .iter()
-            .zip(o)
-        {
+        for (l, &y) in layouts(e.shape(i[0]), self.axis, &self.sizes).iter().zip(o) {
             let x = Some(Slot::Value(i[0]));
             emit_copy(e, l, l.whole(x), l.piece(Some(Slot::Value(y))), 0.0);
         }
@@ -271,12 +267,9 @@ mod tests {
     fn concat_case(name: &str, shapes: &[Vec<usize>], axis: usize) {
         let inputs: Vec<CaseInput> = shapes.iter().map(|s| CaseInput::act(s)).collect();
         let shapes = shapes.to_vec();
-        check_op_all_dtypes(
-            name,
-            &inputs,
-            &|g, x| g.concat(x, axis),
-            &move |x| concat_cpu(x, &shapes, axis),
-        );
+        check_op_all_dtypes(name, &inputs, &|g, x| g.concat(x, axis), &move |x| {
+            concat_cpu(x, &shapes, axis)
+        });
     }
 
     #[test]
@@ -303,7 +296,13 @@ mod tests {
             "concat_x_x",
             &[CaseInput::act(&[2, 3, 4])],
             &|g, x| g.concat(&[x[0], x[0]], 1),
-            &|x| concat_cpu(&[x[0].clone(), x[0].clone()], &[vec![2, 3, 4], vec![2, 3, 4]], 1),
+            &|x| {
+                concat_cpu(
+                    &[x[0].clone(), x[0].clone()],
+                    &[vec![2, 3, 4], vec![2, 3, 4]],
+                    1,
+                )
+            },
             DType::F32,
             false,
         );
@@ -360,7 +359,10 @@ mod tests {
         let a = g.input("a", &[2, 3, 4], DType::F32);
         let b = g.input("b", &[2, 5, 5], DType::F32);
         let err = g.concat(&[a, b], 1).unwrap_err().to_string();
-        assert!(err.contains("[2, 3, 4]") && err.contains("[2, 5, 5]"), "{err}");
+        assert!(
+            err.contains("[2, 3, 4]") && err.contains("[2, 5, 5]"),
+            "{err}"
+        );
         let err = g.split(a, 1, &[1, 1]).unwrap_err().to_string();
         assert!(err.contains("[1, 1]") && err.contains("[2, 3, 4]"), "{err}");
     }

@@ -79,6 +79,20 @@ fn no_grad_err(op: &str, what: &str) -> crate::error::Error {
     shape_err(op, format!("{what} cannot receive a gradient"))
 }
 
+impl TimestepEmbedding {
+    /// freq_k = exp(-ln(max_period) * k / (half - shift)) for k < dim / 2,
+    /// rounded to f32 after each step as torch's float32 ops do (the python
+    /// scalars `-ln(max_period)` and `half - shift` become float32 operands).
+    fn freqs(&self) -> Vec<f32> {
+        let half = self.dim / 2;
+        let scale = -MAX_PERIOD.ln() as f32;
+        let denom = (half as f64 - self.downscale_freq_shift as f64) as f32;
+        (0..half)
+            .map(|k| (((scale * k as f32) / denom) as f64).exp() as f32)
+            .collect()
+    }
+}
+
 impl OpKernels for TimestepEmbedding {
     fn kind(&self) -> &'static str {
         "timestep_embedding"
@@ -86,18 +100,21 @@ impl OpKernels for TimestepEmbedding {
 
     fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
         let n = e.numel(o[0]);
-        let half = self.dim / 2;
-        // torch computes `half - shift` in double, then uses it as a float32.
-        let denom = (half as f64 - self.downscale_freq_shift as f64) as f32;
+        let freqs = self.freqs();
+        // The table as a WGSL const: shortest round-trip decimals, read as f32.
+        let table = freqs
+            .iter()
+            .map(|f| format!("{f:e}f"))
+            .collect::<Vec<_>>()
+            .join(", ");
         e.push(
             Kernel::new("embedding", "timestep_embedding")
+                .konst("FREQS", format!("array<f32, {}>({table})", freqs.len()))
                 .bind("t", Slot::Value(i[0]))
                 .bind("y", Slot::Value(o[0]))
                 .u32(n)
                 .u32(self.dim)
-                .u32(half)
-                .f32(-MAX_PERIOD.ln() as f32)
-                .f32(denom)
+                .u32(freqs.len())
                 .u32(self.flip_sin_to_cos as usize)
                 .groups_1d(n, WG),
         );
@@ -169,7 +186,7 @@ pub fn timestep_embedding_cpu(t: &[f64], dim: usize, flip: bool, shift: f32) -> 
     let half = dim / 2;
     let denom = f(half as f64 - shift as f64);
     let freqs: Vec<f64> = (0..half)
-        .map(|k| f((f(f(-MAX_PERIOD.ln()) * k as f64) / denom).exp()))
+        .map(|k| f(f(f(f(-MAX_PERIOD.ln()) * k as f64) / denom).exp()))
         .collect();
     let mut out = Vec::with_capacity(t.len() * dim);
     for &tv in t {
@@ -230,7 +247,9 @@ mod tests {
     fn timestep_embedding_f16_output() {
         check_op(
             "timestep_embedding_f16",
-            &[CaseInput::act(&[3]).no_grad().values(vec![3.0, 250.0, 981.0])],
+            &[CaseInput::act(&[3])
+                .no_grad()
+                .values(vec![3.0, 250.0, 981.0])],
             &|g, x| g.timestep_embedding(x[0], 20, true, 0.0),
             &|x| timestep_embedding_cpu(&x[0], 20, true, 0.0),
             DType::F16,
