@@ -71,13 +71,22 @@ fn transpose_last2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
         let r0 = ((id / p.cb) % p.rb) * 4u;
         let b = id / (p.cb * p.rb);
         // m[k] = x row r0 + k, columns c0 .. c0 + 3; transpose(m)[j] = y row c0 + j.
+        let xi = (b * p.r + r0) * p.c + c0;
+        let yi = (b * p.c + c0) * p.r + r0;
+        if (r0 + 4u <= p.r && c0 + 4u <= p.c) {
+            // Whole block: straight-line vec4 rows.
+            let mt = transpose(mat4x4<f32>(x_load4(xi), x_load4(xi + p.c),
+                                           x_load4(xi + 2u * p.c), x_load4(xi + 3u * p.c)));
+            for (var j = 0u; j < 4u; j++) { store_run(yi + j * p.r, 4u, mt[j]); }
+            return;
+        }
         var m = mat4x4<f32>();
         for (var k = 0u; k < min(4u, p.r - r0); k++) {
-            m[k] = load_run((b * p.r + r0 + k) * p.c + c0, p.c - c0);
+            m[k] = load_run(xi + k * p.c, p.c - c0);
         }
         let mt = transpose(m);
         for (var j = 0u; j < min(4u, p.c - c0); j++) {
-            store_run((b * p.c + c0 + j) * p.r + r0, p.r - r0, mt[j]);
+            store_run(yi + j * p.r, p.r - r0, mt[j]);
         }
     }
 }
