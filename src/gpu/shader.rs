@@ -31,6 +31,10 @@ pub static SOURCES: &[(&str, &str)] = &[
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("loss", include_str!("../../shaders/loss.wgsl")),
     ("optim", include_str!("../../shaders/optim.wgsl")),
+    ("concat", include_str!("../../shaders/concat.wgsl")),
+    ("upsample", include_str!("../../shaders/upsample.wgsl")),
+    ("transpose", include_str!("../../shaders/transpose.wgsl")),
+    ("embedding", include_str!("../../shaders/embedding.wgsl")),
 ];
 
 /// How a kernel uses a tensor binding.

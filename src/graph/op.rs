@@ -66,4 +66,20 @@ op_enum! {
     // loss
     /// Mean-squared error to a scalar.
     MseLoss(ops::loss::MseLoss),
+    // concat
+    /// Concatenation along an axis.
+    Concat(ops::concat::Concat),
+    /// Split along an axis into several outputs.
+    Split(ops::concat::Split),
+    // upsample
+    /// Nearest-neighbour 2x upsampling of NCHW.
+    UpsampleNearest2x(ops::upsample::UpsampleNearest2x),
+    // transpose
+    /// Swap of the last two dims.
+    TransposeLast2(ops::transpose::TransposeLast2),
+    // embedding
+    /// Sinusoidal timestep embedding (forward only).
+    TimestepEmbedding(ops::embedding::TimestepEmbedding),
+    /// Token-id lookup into a table.
+    Embedding(ops::embedding::Embedding),
 }

@@ -1,11 +1,15 @@
 //! One file per op family: graph builder methods with shape checks, the
 //! forward and backward kernel launches side by side, a CPU reference, tests.
 
+pub mod concat;
 pub mod elementwise;
+pub mod embedding;
 pub mod loss;
 pub mod matmul;
 pub mod optim;
 pub mod reduce;
+pub mod transpose;
+pub mod upsample;
 
 #[cfg(not(target_arch = "wasm32"))]
 #[doc(hidden)]
