@@ -11,10 +11,13 @@
 //   dgamma = sum_{o, s} dy' * xhat,  dbeta = sum_{o, s} dy'
 // Every reduction runs in a fixed order (strided per-lane sums, then a tree).
 //
-// MODE says how four consecutive elements map to channels:
-//   0: any shape, channel and row computed per element;
-//   1: S % 4 == 0: a vec4 lies inside one channel;
-//   2: S == 1 and M % 4 == 0: a vec4 covers 4 consecutive channels of one row.
+// A row is walked as CC chunks of L elements: (CC, L) = (CG, S), one channel
+// per chunk, or with FLAT (S == 1) a single chunk of the row's CG channels,
+// element j being channel c0 + j. VEC: L % 4 == 0, four elements at a time.
+// Lanes stride over each chunk, so no index is ever divided in a loop.
+// A row has a workgroup, or with ONE_LANE (many short rows) one invocation.
+// Rows past the end are clamped (computed, not stored) so that every lane
+// reaches the barriers.
 
 var<workgroup> red: array<vec2<f32>, WG>;
 
@@ -29,6 +32,12 @@ fn workgroup_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
     let r = red[0];
     workgroupBarrier();
     return r;
+}
+
+// Sum over a row's lanes: with one lane per row (ONE_LANE) there is nothing to combine.
+fn row_sum(lid: u32, v: vec2<f32>, one_lane: bool) -> vec2<f32> {
+    if (one_lane) { return v; }
+    return workgroup_sum(lid, v);
 }
 
 fn hsum(v: vec4<f32>) -> f32 { return (v.x + v.y) + (v.z + v.w); }
@@ -52,174 +61,165 @@ fn affine_grad(dy: vec4<f32>, xh: vec4<f32>, gam: vec4<f32>, bet: vec4<f32>, sil
     return dy;
 }
 
-// Channels and rows of the elements i .. i + 3 (see MODE).
-struct Idx4 { ch: vec4<u32>, row: vec4<u32> }
-fn index4(i: u32, c: u32, s: u32, m: u32, mode: u32) -> Idx4 {
-    if (mode == 0u) {
-        let j = vec4<u32>(i) + vec4<u32>(0u, 1u, 2u, 3u);
-        return Idx4((j / s) % c, j / m);
-    }
-    let c0 = (i / s) % c;
-    let row = vec4<u32>(i / m);
-    if (mode == 1u) { return Idx4(vec4<u32>(c0), row); }
-    return Idx4(vec4<u32>(c0) + vec4<u32>(0u, 1u, 2u, 3u), row);
-}
+// The channel of element j of chunk k of a row whose first channel is c0.
+fn channel(c0: u32, k: u32, j: u32, flat: bool) -> u32 { return c0 + k + select(0u, j, flat); }
 
-//@ entry norm_stats
-//@ tensors x:read mean:write rstd:write
+//@ entry norm_forward
+//@ tensors x:read gamma:read beta:read y:write mean:write rstd:write
 //@ const WG = 64u
 //@ const VEC = false
-// One workgroup per row. Sums are taken around the row's first element (a
-// shift that keeps E[d^2] - E[d]^2 from cancelling when |mean| >> std).
-struct Params { rows: u32, m: u32, eps: f32 }
+//@ const FLAT = false
+//@ const SILU = false
+//@ const ONE_LANE = false
+// Per row: the statistics, then y. Sums are taken around the
+// row's first element (a shift that keeps E[d^2] - E[d]^2 from cancelling
+// when |mean| >> std).
+struct Params { rows: u32, cc: u32, l: u32, g: u32, cg: u32, eps: f32 }
 @compute @workgroup_size(WG)
-fn norm_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = flat_id(wid, nwg, 1u);
-    if (row >= p.rows) { return; }
-    let base = row * p.m;
+fn norm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let lane = select(lid, 0u, ONE_LANE);
+    let lanes = select(WG, 1u, ONE_LANE);
+    let rid = select(flat_id(wid, nwg, 1u), flat_id(gid, nwg, WG), ONE_LANE);
+    let valid = rid < p.rows;
+    let row = min(rid, p.rows - 1u);
+    let m = p.cc * p.l;
+    let base = row * m;
+    let c0 = (row % p.g) * p.cg;
     let shift = x_load(base);
     var s1 = vec4<f32>(0.0);
     var s2 = vec4<f32>(0.0);
     if (VEC) {
-        for (var j = 4u * lid; j < p.m; j += 4u * WG) {
+        for (var j = 4u * lane; j < m; j += 4u * lanes) {
             let d = x_load4(base + j) - shift;
             s1 += d;
             s2 += d * d;
         }
     } else {
-        for (var j = lid; j < p.m; j += WG) {
+        for (var j = lane; j < m; j += lanes) {
             let d = x_load(base + j) - shift;
             s1.x += d;
             s2.x += d * d;
         }
     }
-    let t = workgroup_sum(lid, vec2<f32>(hsum(s1), hsum(s2)));
-    if (lid == 0u) {
-        let dm = t.x / f32(p.m);
-        let var_ = max(t.y / f32(p.m) - dm * dm, 0.0);
-        mean_store(row, shift + dm);
-        rstd_store(row, inverseSqrt(var_ + p.eps));
+    let t = row_sum(lid, vec2<f32>(hsum(s1), hsum(s2)), ONE_LANE);
+    let dm = t.x / f32(m);
+    let mu = shift + dm;
+    let rs = inverseSqrt(max(t.y / f32(m) - dm * dm, 0.0) + p.eps);
+    if (valid && lane == 0u) {
+        mean_store(row, mu);
+        rstd_store(row, rs);
+    }
+    for (var k = 0u; k < p.cc; k++) {
+        let off = base + k * p.l;
+        if (VEC) {
+            for (var j = 4u * lane; j < p.l; j += 4u * lanes) {
+                let c = channel(c0, k, j, FLAT);
+                var gam = vec4<f32>(gamma_load(c));
+                var bet = vec4<f32>(beta_load(c));
+                if (FLAT) { gam = gamma_load4(c); bet = beta_load4(c); }
+                if (valid) { y_store4(off + j, affine_act((x_load4(off + j) - mu) * rs, gam, bet, SILU)); }
+            }
+        } else {
+            for (var j = lane; j < p.l; j += lanes) {
+                let c = channel(c0, k, j, FLAT);
+                let xh = vec4<f32>((x_load(off + j) - mu) * rs);
+                if (valid) { y_store(off + j, affine_act(xh, vec4<f32>(gamma_load(c)), vec4<f32>(beta_load(c)), SILU).x); }
+            }
+        }
     }
 }
 
-//@ entry norm_apply
-//@ tensors x:read gamma:read beta:read mean:read rstd:read y:write
+//@ entry norm_backward
+//@ tensors x:read dy:read gamma:read beta:read mean:read rstd:read dx:rw part:write
 //@ const WG = 64u
-//@ const MODE = 0u
+//@ const VEC = false
+//@ const FLAT = false
 //@ const SILU = false
-// Four elements per invocation.
-struct Params { n: u32, c: u32, s: u32, m: u32 }
+//@ const ONE_LANE = false
+//@ const DX = true
+//@ const PART = false
+// Per row: a = sum dxhat and b = sum dxhat * xhat, then dx (when
+// DX). With PART (chunks are channels), lane l also writes its sums of
+// dy' * xhat and dy' over chunk k to part[(row CC + k) lanes + l] and
+// part[half + ..]: the parameter-gradient partials, summed in order later.
+struct Params { rows: u32, cc: u32, l: u32, g: u32, cg: u32, half: u32, beta: f32 }
 @compute @workgroup_size(WG)
-fn norm_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat_id(gid, nwg, WG) * 4u;
-    if (i >= p.n) { return; }
-    let ix = index4(i, p.c, p.s, p.m, MODE);
-    let mu = vec4<f32>(mean_load(ix.row.x), mean_load(ix.row.y), mean_load(ix.row.z), mean_load(ix.row.w));
-    let rs = vec4<f32>(rstd_load(ix.row.x), rstd_load(ix.row.y), rstd_load(ix.row.z), rstd_load(ix.row.w));
-    let gam = vec4<f32>(gamma_load(ix.ch.x), gamma_load(ix.ch.y), gamma_load(ix.ch.z), gamma_load(ix.ch.w));
-    let bet = vec4<f32>(beta_load(ix.ch.x), beta_load(ix.ch.y), beta_load(ix.ch.z), beta_load(ix.ch.w));
-    let y = affine_act((x_load4(i) - mu) * rs, gam, bet, SILU);
-    if (i + 4u <= p.n) {
-        y_store4(i, y);
-    } else {
-        for (var k = 0u; i + k < p.n; k++) { y_store(i + k, y[k]); }
-    }
-}
-
-//@ entry norm_backward_sums
-//@ tensors x:read dy:read gamma:read beta:read mean:read rstd:read ab:write
-//@ const WG = 64u
-//@ const MODE = 0u
-//@ const SILU = false
-// One workgroup per row: ab[2 row] = a, ab[2 row + 1] = b (see top).
-struct Params { rows: u32, m: u32, s: u32, cg: u32, g: u32 }
-@compute @workgroup_size(WG)
-fn norm_backward_sums(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = flat_id(wid, nwg, 1u);
-    if (row >= p.rows) { return; }
-    let base = row * p.m;
+fn norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let lane = select(lid, 0u, ONE_LANE);
+    let lanes = select(WG, 1u, ONE_LANE);
+    let rid = select(flat_id(wid, nwg, 1u), flat_id(gid, nwg, WG), ONE_LANE);
+    let valid = rid < p.rows;
+    let row = min(rid, p.rows - 1u);
+    let m = p.cc * p.l;
+    let base = row * m;
     let c0 = (row % p.g) * p.cg;
     let mu = mean_load(row);
     let rs = rstd_load(row);
     var a = vec4<f32>(0.0);
     var b = vec4<f32>(0.0);
-    if (MODE == 0u) {
-        for (var j = lid; j < p.m; j += WG) {
-            let c = c0 + j / p.s;
-            let gam = vec4<f32>(gamma_load(c));
-            let xh = vec4<f32>((x_load(base + j) - mu) * rs);
-            let dxh = affine_grad(vec4<f32>(dy_load(base + j)), xh, gam, vec4<f32>(beta_load(c)), SILU) * gam;
-            a.x += dxh.x;
-            b.x += dxh.x * xh.x;
+    for (var k = 0u; k < p.cc; k++) {
+        let off = base + k * p.l;
+        var ds = vec4<f32>(0.0);
+        var db = vec4<f32>(0.0);
+        if (VEC) {
+            for (var j = 4u * lane; j < p.l; j += 4u * lanes) {
+                let c = channel(c0, k, j, FLAT);
+                var gam = vec4<f32>(gamma_load(c));
+                var bet = vec4<f32>(beta_load(c));
+                if (FLAT) { gam = gamma_load4(c); bet = beta_load4(c); }
+                let xh = (x_load4(off + j) - mu) * rs;
+                let d = affine_grad(dy_load4(off + j), xh, gam, bet, SILU);
+                a += d * gam;
+                b += d * gam * xh;
+                ds += d * xh;
+                db += d;
+            }
+        } else {
+            for (var j = lane; j < p.l; j += lanes) {
+                let c = channel(c0, k, j, FLAT);
+                let gam = vec4<f32>(gamma_load(c));
+                let xh = vec4<f32>((x_load(off + j) - mu) * rs);
+                let d = affine_grad(vec4<f32>(dy_load(off + j)), xh, gam, vec4<f32>(beta_load(c)), SILU);
+                a.x += d.x * gam.x;
+                b.x += d.x * gam.x * xh.x;
+                ds.x += d.x * xh.x;
+                db.x += d.x;
+            }
         }
-    } else if (MODE == 1u) {
-        // Channel offset q = j / s tracked incrementally (r = j % s) as j
-        // advances by 4 WG: no division in the loop.
-        let step = 4u * WG;
-        let dq = step / p.s;
-        let dr = step % p.s;
-        var q = (4u * lid) / p.s;
-        var r = (4u * lid) % p.s;
-        for (var j = 4u * lid; j < p.m; j += step) {
-            let c = c0 + q;
-            let gam = vec4<f32>(gamma_load(c));
-            let xh = (x_load4(base + j) - mu) * rs;
-            let dxh = affine_grad(dy_load4(base + j), xh, gam, vec4<f32>(beta_load(c)), SILU) * gam;
-            a += dxh;
-            b += dxh * xh;
-            r += dr;
-            q += dq;
-            let wrap = r >= p.s;
-            r = select(r, r - p.s, wrap);
-            q = select(q, q + 1u, wrap);
-        }
-    } else {
-        for (var j = 4u * lid; j < p.m; j += 4u * WG) {
-            let gam = gamma_load4(c0 + j);
-            let xh = (x_load4(base + j) - mu) * rs;
-            let dxh = affine_grad(dy_load4(base + j), xh, gam, beta_load4(c0 + j), SILU) * gam;
-            a += dxh;
-            b += dxh * xh;
+        if (PART && valid) {
+            let pi = (row * p.cc + k) * lanes + lane;
+            part_store(pi, hsum(ds));
+            part_store(p.half + pi, hsum(db));
         }
     }
-    let t = workgroup_sum(lid, vec2<f32>(hsum(a), hsum(b)));
-    if (lid == 0u) {
-        ab_store(2u * row, t.x);
-        ab_store(2u * row + 1u, t.y);
-    }
-}
-
-//@ entry norm_backward_dx
-//@ tensors x:read dy:read gamma:read beta:read mean:read rstd:read ab:read dx:rw
-//@ const WG = 64u
-//@ const MODE = 0u
-//@ const SILU = false
-// dx = beta * dx + rstd * (dxhat - a / M - xhat * b / M), four elements per invocation.
-struct Params { n: u32, c: u32, s: u32, m: u32, beta: f32 }
-@compute @workgroup_size(WG)
-fn norm_backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat_id(gid, nwg, WG) * 4u;
-    if (i >= p.n) { return; }
-    let ix = index4(i, p.c, p.s, p.m, MODE);
-    let mu = vec4<f32>(mean_load(ix.row.x), mean_load(ix.row.y), mean_load(ix.row.z), mean_load(ix.row.w));
-    let rs = vec4<f32>(rstd_load(ix.row.x), rstd_load(ix.row.y), rstd_load(ix.row.z), rstd_load(ix.row.w));
-    let ar = 2u * ix.row;
-    let a = vec4<f32>(ab_load(ar.x), ab_load(ar.y), ab_load(ar.z), ab_load(ar.w));
-    let b = vec4<f32>(ab_load(ar.x + 1u), ab_load(ar.y + 1u), ab_load(ar.z + 1u), ab_load(ar.w + 1u));
-    let gam = vec4<f32>(gamma_load(ix.ch.x), gamma_load(ix.ch.y), gamma_load(ix.ch.z), gamma_load(ix.ch.w));
-    let bet = vec4<f32>(beta_load(ix.ch.x), beta_load(ix.ch.y), beta_load(ix.ch.z), beta_load(ix.ch.w));
-    let xh = (x_load4(i) - mu) * rs;
-    let dxh = affine_grad(dy_load4(i), xh, gam, bet, SILU) * gam;
-    let inv_m = 1.0 / f32(p.m);
-    var g = rs * (dxh - a * inv_m - xh * (b * inv_m));
-    if (i + 4u <= p.n) {
-        if (p.beta != 0.0) { g += dx_load4(i); }
-        dx_store4(i, g);
-    } else {
-        for (var k = 0u; i + k < p.n; k++) {
-            var v = g[k];
-            if (p.beta != 0.0) { v += dx_load(i + k); }
-            dx_store(i + k, v);
+    if (!DX) { return; }
+    let t = row_sum(lid, vec2<f32>(hsum(a), hsum(b)), ONE_LANE);
+    let am = t.x / f32(m);
+    let bm = t.y / f32(m);
+    for (var k = 0u; k < p.cc; k++) {
+        let off = base + k * p.l;
+        if (VEC) {
+            for (var j = 4u * lane; j < p.l; j += 4u * lanes) {
+                let c = channel(c0, k, j, FLAT);
+                var gam = vec4<f32>(gamma_load(c));
+                var bet = vec4<f32>(beta_load(c));
+                if (FLAT) { gam = gamma_load4(c); bet = beta_load4(c); }
+                let xh = (x_load4(off + j) - mu) * rs;
+                let dxh = affine_grad(dy_load4(off + j), xh, gam, bet, SILU) * gam;
+                var g = rs * (dxh - am - xh * bm);
+                if (p.beta != 0.0) { g += dx_load4(off + j); }
+                if (valid) { dx_store4(off + j, g); }
+            }
+        } else {
+            for (var j = lane; j < p.l; j += lanes) {
+                let c = channel(c0, k, j, FLAT);
+                let gam = vec4<f32>(gamma_load(c));
+                let xh = vec4<f32>((x_load(off + j) - mu) * rs);
+                let dxh = affine_grad(vec4<f32>(dy_load(off + j)), xh, gam, vec4<f32>(beta_load(c)), SILU).x * gam.x;
+                var g = rs * (dxh - am - xh.x * bm);
+                if (p.beta != 0.0) { g += dx_load(off + j); }
+                if (valid) { dx_store(off + j, g); }
+            }
         }
     }
 }
@@ -227,59 +227,49 @@ fn norm_backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
 //@ entry norm_param_partial
 //@ tensors x:read dy:read gamma:read beta:read mean:read rstd:read part:write
 //@ const WG = 64u
-//@ const VEC = false
 //@ const SILU = false
-// Partial parameter gradients over chunks of `chunk` outer indices, one
-// invocation per (chunk k, channel c): part[k C + c] = sum dy' * xhat and
-// part[K C + k C + c] = sum dy' over o in chunk k and all s (in order).
-struct Params { o: u32, c: u32, s: u32, cg: u32, g: u32, chunk: u32, kc: u32 }
+// Parameter-gradient partials when S == 1 (x [O, C], layer norm), one
+// invocation per (chunk k of outer indices, channel c):
+// part[k C + c] = sum dy' * xhat and part[half + k C + c] = sum dy' over the
+// chunk, in order.
+struct Params { o: u32, c: u32, g: u32, cg: u32, chunk: u32, half: u32 }
 @compute @workgroup_size(WG)
 fn norm_param_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let id = flat_id(gid, nwg, WG);
-    if (id >= p.kc) { return; }
+    if (id >= p.half) { return; }
     let k = id / p.c;
     let c = id % p.c;
     let gam = vec4<f32>(gamma_load(c));
     let bet = vec4<f32>(beta_load(c));
-    var ds = vec4<f32>(0.0);
-    var db = vec4<f32>(0.0);
-    let o_end = min(p.o, (k + 1u) * p.chunk);
-    for (var o = k * p.chunk; o < o_end; o++) {
-        let row = o * p.g + c / p.cg;
-        let mu = mean_load(row);
-        let rs = rstd_load(row);
-        let base = (o * p.c + c) * p.s;
-        if (VEC) {
-            for (var j = 0u; j < p.s; j += 4u) {
-                let xh = (x_load4(base + j) - mu) * rs;
-                let d = affine_grad(dy_load4(base + j), xh, gam, bet, SILU);
-                ds += d * xh;
-                db += d;
-            }
-        } else {
-            for (var j = 0u; j < p.s; j++) {
-                let xh = vec4<f32>((x_load(base + j) - mu) * rs);
-                let d = affine_grad(vec4<f32>(dy_load(base + j)), xh, gam, bet, SILU);
-                ds.x += d.x * xh.x;
-                db.x += d.x;
-            }
-        }
+    let grp = c / p.cg;
+    var ds = 0.0;
+    var db = 0.0;
+    let end = min(p.o, (k + 1u) * p.chunk);
+    for (var o = k * p.chunk; o < end; o++) {
+        let row = o * p.g + grp;
+        let xh = vec4<f32>((x_load(o * p.c + c) - mean_load(row)) * rstd_load(row));
+        let d = affine_grad(vec4<f32>(dy_load(o * p.c + c)), xh, gam, bet, SILU).x;
+        ds += d * xh.x;
+        db += d;
     }
-    part_store(id, hsum(ds));
-    part_store(p.kc + id, hsum(db));
+    part_store(id, ds);
+    part_store(p.half + id, db);
 }
 
 //@ entry norm_param_reduce
 //@ tensors part:read dp:rw
 //@ const WG = 64u
-// dp[c] = beta * dp[c] + sum_k part[offset + k C + c], summed in order of k.
-struct Params { c: u32, k: u32, offset: u32, beta: f32 }
+// dp[c] = beta * dp[c] + sum_{k, l} part[offset + (k C + c) L + l], in order.
+struct Params { c: u32, k: u32, l: u32, offset: u32, beta: f32 }
 @compute @workgroup_size(WG)
 fn norm_param_reduce(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let c = flat_id(gid, nwg, WG);
     if (c >= p.c) { return; }
     var acc = 0.0;
-    for (var k = 0u; k < p.k; k++) { acc += part_load(p.offset + k * p.c + c); }
+    for (var k = 0u; k < p.k; k++) {
+        let base = p.offset + (k * p.c + c) * p.l;
+        for (var l = 0u; l < p.l; l++) { acc += part_load(base + l); }
+    }
     if (p.beta != 0.0) { acc += dp_load(c); }
     dp_store(c, acc);
 }

@@ -112,8 +112,14 @@ mod tests {
 
     #[test]
     fn layer_norm_vec4_rows_all_dtypes() {
-        // D % 4 == 0 takes the vec4 path (MODE 2).
+        // D % 4 == 0 takes the vec4 path.
         case("ln_5x12", &[5, 12]);
+    }
+
+    #[test]
+    fn layer_norm_many_rows_one_lane_all_dtypes() {
+        // 520 rows: one invocation per row.
+        case("ln_520x12", &[520, 12]);
     }
 
     #[test]

@@ -21,16 +21,29 @@ impl Graph {
     }
 }
 
-/// One softmax kernel over `rows` rows of `d`: a workgroup per row, as many
-/// lanes as the row has vec4s up to 64 (short attention rows use fewer).
+/// Invocations per workgroup, at most.
+const WG: usize = 64;
+/// Rows up to this long get one invocation each when there are at least
+/// `ONE_LANE_ROWS` of them (per-workgroup costs dominate short rows).
+const ONE_LANE_LEN: usize = 4096;
+const ONE_LANE_ROWS: usize = 512;
+
+/// One softmax kernel over `rows` rows of `d`: an invocation per row, or a
+/// workgroup per row with as many lanes as the row has vec4s (8 to 64).
 fn row_kernel(entry: &'static str, rows: usize, d: usize) -> Kernel {
-    let wg = d.div_ceil(4).next_power_of_two().clamp(8, 64);
+    let one_lane = d <= ONE_LANE_LEN && rows >= ONE_LANE_ROWS;
+    let (wg, rows_per_wg) = if one_lane {
+        (WG, WG)
+    } else {
+        (d.div_ceil(4).next_power_of_two().clamp(8, WG), 1)
+    };
     Kernel::new("softmax", entry)
         .konst("WG", format!("{wg}u"))
-        .konst("VEC", d % 4 == 0)
+        .konst("VEC", d.is_multiple_of(4))
+        .konst("ONE_LANE", one_lane)
         .u32(rows)
         .u32(d)
-        .groups_1d(rows, 1)
+        .groups_1d(rows, rows_per_wg as u32)
 }
 
 fn dims(e: &Emit, x: TensorId) -> (usize, usize) {
@@ -112,6 +125,13 @@ mod tests {
     fn softmax_large_magnitude_2x3x37_all_dtypes() {
         case("softmax_2x3x37_x20", &[2, 3, 37], 20.0);
         case("softmax_4x9_x20", &[4, 9], 20.0);
+    }
+
+    #[test]
+    fn softmax_many_rows_one_lane_all_dtypes() {
+        // 520 rows: one invocation per row; odd and vec4 row lengths.
+        case("softmax_520x9_x20", &[520, 9], 20.0);
+        case("softmax_520x12_x20", &[520, 12], 20.0);
     }
 
     #[test]
