@@ -35,6 +35,8 @@ pub static SOURCES: &[(&str, &str)] = &[
     ("upsample", include_str!("../../shaders/upsample.wgsl")),
     ("transpose", include_str!("../../shaders/transpose.wgsl")),
     ("embedding", include_str!("../../shaders/embedding.wgsl")),
+    ("group_norm", include_str!("../../shaders/group_norm.wgsl")),
+    ("softmax", include_str!("../../shaders/softmax.wgsl")),
 ];
 
 /// How a kernel uses a tensor binding.

@@ -63,6 +63,13 @@ op_enum! {
     // reduce
     /// Sum over axes.
     ReduceSum(ops::reduce::ReduceSum),
+    // normalization
+    /// torch GroupNorm (affine), optionally fused with SiLU.
+    GroupNorm(ops::group_norm::GroupNorm),
+    /// torch LayerNorm over the last dim (affine).
+    LayerNorm(ops::layer_norm::LayerNorm),
+    /// Softmax over the last dim.
+    Softmax(ops::softmax::Softmax),
     // loss
     /// Mean-squared error to a scalar.
     MseLoss(ops::loss::MseLoss),

@@ -4,10 +4,13 @@
 pub mod concat;
 pub mod elementwise;
 pub mod embedding;
+pub mod group_norm;
+pub mod layer_norm;
 pub mod loss;
 pub mod matmul;
 pub mod optim;
 pub mod reduce;
+pub mod softmax;
 pub mod transpose;
 pub mod upsample;
 
