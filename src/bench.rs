@@ -121,6 +121,24 @@ pub fn op_cases() -> Vec<BenchCase> {
             work: Work::Flops(2 * (m * n * k) as u64),
         });
     }
+    // Group norm (32 groups) + SiLU, forward + backward: memory-bound, so GB/s
+    // of the minimum traffic (forward reads x, writes y; backward reads x and
+    // dy, writes dx).
+    let (n, c, h, w) = (4usize, 64usize, 32usize, 32usize);
+    let numel = n * c * h * w;
+    cases.push(BenchCase {
+        name: "group_norm_silu".into(),
+        shape: format!("[{n},{c},{h},{w}] g32"),
+        dtype: DType::F32,
+        backward: true,
+        build: Box::new(move |g, dt| {
+            let x = g.input_with_grad("x", &[n, c, h, w], dt);
+            let gamma = g.param("gamma", &[c]);
+            let beta = g.param("beta", &[c]);
+            g.group_norm_silu(x, gamma, beta, 32, 1e-5)
+        }),
+        work: Work::Bytes(5 * numel as u64 * 4),
+    });
     cases
 }
 
