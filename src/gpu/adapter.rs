@@ -44,11 +44,13 @@ impl AdapterChoice {
                 "dx12" | "d3d12" => wgpu::Backends::DX12,
                 "gl" | "gles" | "opengl" => wgpu::Backends::GL,
                 "webgpu" | "browser" => wgpu::Backends::BROWSER_WEBGPU,
-                other => return Err(Error::NoAdapter {
-                    detail: format!(
+                other => {
+                    return Err(Error::NoAdapter {
+                        detail: format!(
                         " (unknown backend '{other}'; expected vulkan, metal, dx12, gl or webgpu)"
                     ),
-                }),
+                    })
+                }
             };
         }
         Ok(out)

@@ -63,6 +63,9 @@ op_enum! {
     // reduce
     /// Sum over axes.
     ReduceSum(ops::reduce::ReduceSum),
+    // attention
+    /// Multi-head scaled-dot-product attention (flash style), self or cross, optionally causal.
+    Attention(ops::attention::Attention),
     // loss
     /// Mean-squared error to a scalar.
     MseLoss(ops::loss::MseLoss),
