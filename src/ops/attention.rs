@@ -48,7 +48,7 @@ impl Attention {
                 "q {q:?}, k {k:?}, v {v:?}: k and v must match, and share B and channels with q"
             ));
         }
-        if self.heads == 0 || q[2] % self.heads != 0 || q[2] == 0 {
+        if self.heads == 0 || !q[2].is_multiple_of(self.heads) || q[2] == 0 {
             return Err(format!(
                 "channels of q {q:?} must be a positive multiple of heads = {}",
                 self.heads
@@ -84,7 +84,8 @@ impl Graph {
         causal: bool,
     ) -> Result<TensorId> {
         let channels = self.shape(q).last().copied().unwrap_or(0);
-        let d = if heads == 0 { 0 } else { channels / heads };
+        // heads = 0 is reported by the shape check in attention_scaled.
+        let d = channels.checked_div(heads).unwrap_or(1);
         let scale = 1.0 / (d.max(1) as f32).sqrt();
         self.attention_scaled(q, k, v, heads, causal, scale)
     }
