@@ -76,12 +76,21 @@ impl PipelineCache {
         // diagnostic instead of a panic in wgpu's default error handler.
         #[cfg(not(target_arch = "wasm32"))]
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(&label),
-                source: wgpu::ShaderSource::Wgsl(wgsl.into()),
-            });
+        let desc = wgpu::ShaderModuleDescriptor {
+            label: Some(&label),
+            source: wgpu::ShaderSource::Wgsl(wgsl.into()),
+        };
+        // Bounds checks stay on; the loop-bounding counter wgpu injects into
+        // every loop is dropped because it stops drivers (Mesa's llvmpipe
+        // measurably) from unrolling our small fixed-count inner loops.
+        let checks = wgpu::ShaderRuntimeChecks {
+            force_loop_bounding: false,
+            ..wgpu::ShaderRuntimeChecks::checked()
+        };
+        // SAFETY: force_loop_bounding may be off only for shaders without
+        // infinite loops. These are our own sources from `shaders/`, where every
+        // loop runs to a bound taken from its constants or its `Params`.
+        let module = unsafe { self.device.create_shader_module_trusted(desc, checks) };
         let mut entries = Vec::new();
         if info.has_params {
             entries.push(wgpu::BindGroupLayoutEntry {

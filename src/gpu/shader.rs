@@ -37,6 +37,7 @@ pub static SOURCES: &[(&str, &str)] = &[
     ("embedding", include_str!("../../shaders/embedding.wgsl")),
     ("group_norm", include_str!("../../shaders/group_norm.wgsl")),
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
+    ("attention", include_str!("../../shaders/attention.wgsl")),
 ];
 
 /// How a kernel uses a tensor binding.

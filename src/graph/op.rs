@@ -70,6 +70,9 @@ op_enum! {
     LayerNorm(ops::layer_norm::LayerNorm),
     /// Softmax over the last dim.
     Softmax(ops::softmax::Softmax),
+    // attention
+    /// Multi-head scaled-dot-product attention (flash style), self or cross, optionally causal.
+    Attention(ops::attention::Attention),
     // loss
     /// Mean-squared error to a scalar.
     MseLoss(ops::loss::MseLoss),
