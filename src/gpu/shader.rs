@@ -31,6 +31,7 @@ pub static SOURCES: &[(&str, &str)] = &[
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("loss", include_str!("../../shaders/loss.wgsl")),
     ("optim", include_str!("../../shaders/optim.wgsl")),
+    ("conv2d", include_str!("../../shaders/conv2d.wgsl")),
 ];
 
 /// How a kernel uses a tensor binding.
