@@ -16,6 +16,9 @@
 // coordinates read a clamped address and select 0 instead of branching.
 // Reductions run in a fixed order (deterministic).
 
+// Input pixels under 4 output columns SW apart, over all KW taps.
+const WIN: u32 = 3u * SW + KW;
+
 // Index of an in-bounds pixel (or 0 when out of range; the caller masks it).
 fn pix(row_off: u32, i: i32, extent: u32) -> u32 {
     return row_off + u32(clamp(i, 0, i32(extent) - 1));
@@ -25,8 +28,20 @@ fn inside(i: i32, extent: u32) -> bool {
     return i >= 0 && i < i32(extent);
 }
 
+// Index of w for (output channel c, input channel k, tap ky*KW + kx). The
+// data gradient of a stride-1 conv is the conv of dy with w transposed in
+// its channels and flipped in space (FLIP): strides w_cs/w_ks swap roles.
+fn w_index(c: u32, k: u32, tap: u32, w_cs: u32, w_ks: u32, flip: bool) -> u32 {
+    return c * w_cs + k * w_ks + select(tap, KH * KW - 1u - tap, flip);
+}
+
+// The 4 pixels SW apart that columns ox0 .. ox0+4 read at tap kx of a window.
+fn window4(win: array<f32, WIN>, kx: u32) -> vec4<f32> {
+    return vec4<f32>(win[kx], win[SW + kx], win[2u * SW + kx], win[3u * SW + kx]);
+}
+
 //@ entry conv2d_forward
-//@ tensors x:read w:read bias:read y:write
+//@ tensors x:read w:read bias:read y:rw
 //@ const KH = 3u
 //@ const KW = 3u
 //@ const SH = 1u
@@ -35,74 +50,181 @@ fn inside(i: i32, extent: u32) -> bool {
 //@ const TY = 2u
 //@ const WG = 8u
 //@ const HAS_BIAS = false
+//@ const FLIP = false
 // One invocation: output channels co0 .. co0+TCO (workgroup z), rows
-// oy0 .. oy0+TY and columns ox0 .. ox0+4 of one image. For each input channel
-// and kernel row it loads, per output row, the window of input pixels the 4
-// columns touch (3*SW + KW values) and reuses it for every kx.
+// oy0 .. oy0+TY and columns ox0 .. ox0+4 of one image. Per input channel it
+// loads each input row the tile touches once, as the window of 3*SW + KW
+// pixels under its 4 columns, and reuses it for every tap.
 struct Params {
     n: u32, ci: u32, h: u32, w: u32,
     co: u32, oh: u32, ow: u32, ph: u32, pw: u32,
+    w_cs: u32, w_ks: u32,
     tiles_x: u32, tiles_y: u32,
+    beta: f32,
 }
-const WIN: u32 = 3u * SW + KW;
+const NR: u32 = (TY - 1u) * SH + KH;
 
 @compute @workgroup_size(WG)
 fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(workgroup_id) wg: vec3<u32>) {
     let t = flat_id(gid, nwg, WG);
-    let n = t / (p.tiles_x * p.tiles_y);
-    if (n >= p.n) { return; }
+    // Invocations past the end compute on clamped coordinates and store
+    // nothing (no early return: the loops stay uniform).
+    let live = t / (p.tiles_x * p.tiles_y) < p.n;
+    let n = min(t / (p.tiles_x * p.tiles_y), p.n - 1u);
     let ox0 = (t % p.tiles_x) * 4u;
     let oy0 = ((t / p.tiles_x) % p.tiles_y) * TY;
     let co0 = wg.z * TCO;
-    let khw = KH * KW;
-    var w_off: array<u32, TCO>;
     var acc: array<vec4<f32>, TCO * TY>;
-    for (var c = 0u; c < TCO; c++) {
-        let co = min(co0 + c, p.co - 1u);
-        w_off[c] = co * p.ci * khw;
-        var b = 0.0;
-        if (HAS_BIAS) { b = bias_load(co); }
-        for (var r = 0u; r < TY; r++) { acc[r * TCO + c] = vec4<f32>(b); }
+    if (HAS_BIAS) {
+        for (var c = 0u; c < TCO; c++) {
+            let b = vec4<f32>(bias_load(min(co0 + c, p.co - 1u)));
+            for (var r = 0u; r < TY; r++) { acc[r * TCO + c] = b; }
+        }
     }
     let ix0 = i32(ox0 * SW) - i32(p.pw);
+    let iy0 = i32(oy0 * SH) - i32(p.ph);
     for (var ci = 0u; ci < p.ci; ci++) {
         let x_img = (n * p.ci + ci) * p.h;
-        for (var ky = 0u; ky < KH; ky++) {
-            var win: array<array<f32, WIN>, TY>;
-            for (var r = 0u; r < TY; r++) {
-                let iy = i32((oy0 + r) * SH + ky) - i32(p.ph);
-                let row = (x_img + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
-                let row_ok = inside(iy, p.h);
-                for (var j = 0u; j < WIN; j++) {
-                    let ix = ix0 + i32(j);
-                    win[r][j] = select(0.0, x_load(pix(row, ix, p.w)), row_ok && inside(ix, p.w));
-                }
+        var win: array<array<f32, WIN>, NR>;
+        for (var rr = 0u; rr < NR; rr++) {
+            let iy = iy0 + i32(rr);
+            let row = (x_img + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
+            for (var j = 0u; j < WIN; j++) {
+                let ix = ix0 + i32(j);
+                win[rr][j] = select(0.0, x_load(pix(row, ix, p.w)), inside(iy, p.h) && inside(ix, p.w));
             }
-            let tap = (ci * KH + ky) * KW;
-            for (var kx = 0u; kx < KW; kx++) {
-                var wv: array<f32, TCO>;
-                for (var c = 0u; c < TCO; c++) { wv[c] = w_load(w_off[c] + tap + kx); }
-                for (var r = 0u; r < TY; r++) {
-                    let xv = vec4<f32>(win[r][kx], win[r][SW + kx], win[r][2u * SW + kx], win[r][3u * SW + kx]);
-                    for (var c = 0u; c < TCO; c++) {
-                        acc[r * TCO + c] = fma(vec4<f32>(wv[c]), xv, acc[r * TCO + c]);
-                    }
+        }
+        for (var tap = 0u; tap < KH * KW; tap++) {
+            let ky = tap / KW;
+            let kx = tap % KW;
+            var wv: array<f32, TCO>;
+            for (var c = 0u; c < TCO; c++) {
+                wv[c] = w_load(w_index(min(co0 + c, p.co - 1u), ci, tap, p.w_cs, p.w_ks, FLIP));
+            }
+            for (var r = 0u; r < TY; r++) {
+                let xv = window4(win[r * SH + ky], kx);
+                for (var c = 0u; c < TCO; c++) {
+                    acc[r * TCO + c] = fma(vec4<f32>(wv[c]), xv, acc[r * TCO + c]);
                 }
             }
         }
     }
     for (var r = 0u; r < TY; r++) {
-        let oy = oy0 + r;
         for (var c = 0u; c < TCO; c++) {
-            let co = co0 + c;
-            if (oy < p.oh && co < p.co) {
-                let idx = ((n * p.co + co) * p.oh + oy) * p.ow + ox0;
-                let v = acc[r * TCO + c];
+            if (live && oy0 + r < p.oh && co0 + c < p.co) {
+                let idx = ((n * p.co + co0 + c) * p.oh + oy0 + r) * p.ow + ox0;
+                var v = acc[r * TCO + c];
                 if (ox0 + 4u <= p.ow) {
+                    if (p.beta != 0.0) { v += y_load4(idx); }
                     y_store4(idx, v);
                 } else {
-                    for (var q = 0u; ox0 + q < p.ow; q++) { y_store(idx + q, v[q]); }
+                    for (var q = 0u; ox0 + q < p.ow; q++) {
+                        var o = v[q];
+                        if (p.beta != 0.0) { o += y_load(idx + q); }
+                        y_store(idx + q, o);
+                    }
+                }
+            }
+        }
+    }
+}
+
+//@ entry conv2d_forward_sg
+//@ tensors x:read w:read bias:read y:rw
+//@ const KH = 3u
+//@ const KW = 3u
+//@ const SH = 1u
+//@ const SW = 1u
+//@ const TCO = 16u
+//@ const TY = 2u
+//@ const HAS_BIAS = false
+//@ const FLIP = false
+// conv2d_forward for adapters whose subgroups are exactly 8 wide (llvmpipe,
+// where every buffer load is costly): the workgroup is one subgroup, each
+// lane loads 1/8 of the tile's weights of an input channel and
+// subgroupBroadcast hands them to the others.
+struct Params {
+    n: u32, ci: u32, h: u32, w: u32,
+    co: u32, oh: u32, ow: u32, ph: u32, pw: u32,
+    w_cs: u32, w_ks: u32,
+    tiles_x: u32, tiles_y: u32,
+    beta: f32,
+}
+const NR: u32 = (TY - 1u) * SH + KH;
+const WG: u32 = 8u;
+const NW: u32 = TCO * KH * KW;
+const NWL: u32 = (NW + 7u) / 8u;
+
+fn lanes8(v: f32) -> array<f32, 8> {
+    return array<f32, 8>(subgroupBroadcast(v, 0u), subgroupBroadcast(v, 1u), subgroupBroadcast(v, 2u), subgroupBroadcast(v, 3u),
+                         subgroupBroadcast(v, 4u), subgroupBroadcast(v, 5u), subgroupBroadcast(v, 6u), subgroupBroadcast(v, 7u));
+}
+
+@compute @workgroup_size(WG)
+fn conv2d_forward_sg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let t = flat_id(gid, nwg, WG);
+    // Invocations past the end compute on clamped coordinates and store
+    // nothing (no early return: the loops stay uniform).
+    let live = t / (p.tiles_x * p.tiles_y) < p.n;
+    let n = min(t / (p.tiles_x * p.tiles_y), p.n - 1u);
+    let ox0 = (t % p.tiles_x) * 4u;
+    let oy0 = ((t / p.tiles_x) % p.tiles_y) * TY;
+    let co0 = wg.z * TCO;
+    var acc: array<vec4<f32>, TCO * TY>;
+    if (HAS_BIAS) {
+        for (var c = 0u; c < TCO; c++) {
+            let b = vec4<f32>(bias_load(min(co0 + c, p.co - 1u)));
+            for (var r = 0u; r < TY; r++) { acc[r * TCO + c] = b; }
+        }
+    }
+    let ix0 = i32(ox0 * SW) - i32(p.pw);
+    let iy0 = i32(oy0 * SH) - i32(p.ph);
+    for (var ci = 0u; ci < p.ci; ci++) {
+        let x_img = (n * p.ci + ci) * p.h;
+        // Weight m = c * KH*KW + tap of the tile: lane m % 8 loads it.
+        var wb: array<f32, NWL * 8u>;
+        for (var i = 0u; i < NWL; i++) {
+            let m = min(lane + 8u * i, NW - 1u);
+            let c = min(co0 + m / (KH * KW), p.co - 1u);
+            let l = lanes8(w_load(w_index(c, ci, m % (KH * KW), p.w_cs, p.w_ks, FLIP)));
+            for (var j = 0u; j < 8u; j++) { wb[8u * i + j] = l[j]; }
+        }
+        var win: array<array<f32, WIN>, NR>;
+        for (var rr = 0u; rr < NR; rr++) {
+            let iy = iy0 + i32(rr);
+            let row = (x_img + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
+            for (var j = 0u; j < WIN; j++) {
+                let ix = ix0 + i32(j);
+                win[rr][j] = select(0.0, x_load(pix(row, ix, p.w)), inside(iy, p.h) && inside(ix, p.w));
+            }
+        }
+        for (var tap = 0u; tap < KH * KW; tap++) {
+            let ky = tap / KW;
+            let kx = tap % KW;
+            for (var r = 0u; r < TY; r++) {
+                let xv = window4(win[r * SH + ky], kx);
+                for (var c = 0u; c < TCO; c++) {
+                    acc[r * TCO + c] = fma(vec4<f32>(wb[c * KH * KW + tap]), xv, acc[r * TCO + c]);
+                }
+            }
+        }
+    }
+    for (var r = 0u; r < TY; r++) {
+        for (var c = 0u; c < TCO; c++) {
+            if (live && oy0 + r < p.oh && co0 + c < p.co) {
+                let idx = ((n * p.co + co0 + c) * p.oh + oy0 + r) * p.ow + ox0;
+                var v = acc[r * TCO + c];
+                if (ox0 + 4u <= p.ow) {
+                    if (p.beta != 0.0) { v += y_load4(idx); }
+                    y_store4(idx, v);
+                } else {
+                    for (var q = 0u; ox0 + q < p.ow; q++) {
+                        var o = v[q];
+                        if (p.beta != 0.0) { o += y_load(idx + q); }
+                        y_store(idx + q, o);
+                    }
                 }
             }
         }
@@ -129,15 +251,15 @@ struct Params {
     tiles_x: u32, tiles_y: u32, tiles_per_phase: u32,
     beta: f32,
 }
-// dy columns a tile reads over all taps when SW = 1: ox0 - (KW-1) + pw .. ox0 + 3 + pw.
-const WIN: u32 = KW + 3u;
 
 @compute @workgroup_size(WG)
 fn conv2d_grad_input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(workgroup_id) wg: vec3<u32>) {
     let t = flat_id(gid, nwg, WG);
-    let n = t / (p.tiles_x * p.tiles_y);
-    if (n >= p.n) { return; }
+    // Invocations past the end compute on clamped coordinates and store
+    // nothing (no early return: the loops stay uniform).
+    let live = t / (p.tiles_x * p.tiles_y) < p.n;
+    let n = min(t / (p.tiles_x * p.tiles_y), p.n - 1u);
     let tx = t % p.tiles_x;
     let phase = tx / p.tiles_per_phase;
     let q = tx % p.tiles_per_phase;
@@ -162,34 +284,17 @@ fn conv2d_grad_input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
                 let oy = num_y / i32(SH);
                 let row_ok = num_y >= 0 && num_y % i32(SH) == 0 && oy < i32(p.oh);
                 let row = (dy_img + u32(clamp(oy, 0, i32(p.oh) - 1))) * p.ow;
-                if (SW == 1u) {
-                    // One window serves every tap: tap kx reads win[KW-1-kx + t].
-                    let lo = i32(4u * q) + base_x - i32(KW - 1u);
-                    var win: array<f32, WIN>;
-                    for (var j = 0u; j < WIN; j++) {
+                for (var kx = 0u; kx < KW; kx++) {
+                    let num_x = base_x - i32(kx);
+                    if (num_x % i32(SW) != 0) { continue; }
+                    let lo = num_x / i32(SW) + i32(4u * q);
+                    var dv: vec4<f32>;
+                    for (var j = 0u; j < 4u; j++) {
                         let ox = lo + i32(j);
-                        win[j] = select(0.0, dy_load(pix(row, ox, p.ow)), row_ok && inside(ox, p.ow));
+                        dv[j] = select(0.0, dy_load(pix(row, ox, p.ow)), row_ok && inside(ox, p.ow));
                     }
-                    for (var kx = 0u; kx < KW; kx++) {
-                        let s = KW - 1u - kx;
-                        let dv = vec4<f32>(win[s], win[s + 1u], win[s + 2u], win[s + 3u]);
-                        for (var c = 0u; c < TCI; c++) {
-                            acc[r * TCI + c] = fma(vec4<f32>(wv[c][kx]), dv, acc[r * TCI + c]);
-                        }
-                    }
-                } else {
-                    for (var kx = 0u; kx < KW; kx++) {
-                        let num_x = base_x - i32(kx);
-                        if (num_x % i32(SW) != 0) { continue; }
-                        let lo = num_x / i32(SW) + i32(4u * q);
-                        var dv: vec4<f32>;
-                        for (var j = 0u; j < 4u; j++) {
-                            let ox = lo + i32(j);
-                            dv[j] = select(0.0, dy_load(pix(row, ox, p.ow)), row_ok && inside(ox, p.ow));
-                        }
-                        for (var c = 0u; c < TCI; c++) {
-                            acc[r * TCI + c] = fma(vec4<f32>(wv[c][kx]), dv, acc[r * TCI + c]);
-                        }
+                    for (var c = 0u; c < TCI; c++) {
+                        acc[r * TCI + c] = fma(vec4<f32>(wv[c][kx]), dv, acc[r * TCI + c]);
                     }
                 }
             }
@@ -199,7 +304,7 @@ fn conv2d_grad_input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
         let iy = iy0 + r;
         for (var c = 0u; c < TCI; c++) {
             let ci = ci0 + c;
-            if (iy < p.h && ci < p.ci) {
+            if (live && iy < p.h && ci < p.ci) {
                 let row = ((n * p.ci + ci) * p.h + iy) * p.w;
                 let v = acc[r * TCI + c];
                 for (var j = 0u; j < 4u; j++) {
@@ -232,12 +337,11 @@ struct Params {
     co: u32, oh: u32, ow: u32, ph: u32, pw: u32,
     beta: f32,
 }
-const WIN: u32 = 3u * SW + KW;
 
 @compute @workgroup_size(WG)
 fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
-    let ci = gid.x;
-    if (ci >= p.ci) { return; }
+    let live = gid.x < p.ci;
+    let ci = min(gid.x, p.ci - 1u);
     let co0 = wg.y * TCO;
     let khw = KH * KW;
     var acc: array<vec4<f32>, TCO * KH * KW>;
@@ -279,7 +383,7 @@ fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(wo
     }
     for (var c = 0u; c < TCO; c++) {
         let co = co0 + c;
-        if (co < p.co) {
+        if (live && co < p.co) {
             for (var k = 0u; k < khw; k++) {
                 let idx = (co * p.ci + ci) * khw + k;
                 var v = dot(acc[c * khw + k], vec4<f32>(1.0));

@@ -79,31 +79,137 @@ impl Conv2d {
 
     /// A kernel of `entry` with the consts and the size params every entry shares.
     fn kernel(&self, entry: &'static str, d: &Geom) -> Kernel {
-        Kernel::new("conv2d", entry)
-            .konst("KH", format!("{}u", d.kh))
-            .konst("KW", format!("{}u", d.kw))
-            .konst("SH", format!("{}u", self.stride[0]))
-            .konst("SW", format!("{}u", self.stride[1]))
-            .u32(d.n)
-            .u32(d.ci)
-            .u32(d.h)
-            .u32(d.w)
-            .u32(d.co)
-            .u32(d.oh)
-            .u32(d.ow)
-            .u32(self.padding[0])
-            .u32(self.padding[1])
+        size_kernel(entry, d, self.stride, self.padding.map(|v| v as i64))
     }
 }
 
-/// Register tile per invocation: (channels, rows, workgroup size). CPU
-/// adapters run one SIMD lane per invocation and like big tiles in one SIMD
-/// group; GPUs want more, smaller threads.
+/// A kernel of `entry` with the consts and size params all entries share.
+/// Paddings travel as u32 bit patterns of i32 (the flipped convolution of a
+/// data gradient may need a negative one).
+fn size_kernel(entry: &'static str, d: &Geom, stride: [usize; 2], pad: [i64; 2]) -> Kernel {
+    Kernel::new("conv2d", entry)
+        .konst("KH", format!("{}u", d.kh))
+        .konst("KW", format!("{}u", d.kw))
+        .konst("SH", format!("{}u", stride[0]))
+        .konst("SW", format!("{}u", stride[1]))
+        .u32(d.n)
+        .u32(d.ci)
+        .u32(d.h)
+        .u32(d.w)
+        .u32(d.co)
+        .u32(d.oh)
+        .u32(d.ow)
+        .u32(pad[0] as i32 as u32 as usize)
+        .u32(pad[1] as i32 as u32 as usize)
+}
+
+/// One run of the forward kernel: y = beta*y + conv(x, w) (+ bias).
+struct ConvLaunch {
+    d: Geom,
+    stride: [usize; 2],
+    pad: [i64; 2],
+    x: Slot,
+    w: Slot,
+    bias: Option<Slot>,
+    y: Slot,
+    /// Read w as the data gradient of a stride-1 conv does (see `w_index`).
+    flip: bool,
+    beta: f32,
+}
+
+/// Register tile per invocation of the portable kernels: (channels, rows,
+/// workgroup size). CPU adapters run one SIMD lane per invocation and like
+/// big tiles in one SIMD group; GPUs want more, smaller threads.
 fn tile(e: &Emit) -> (usize, usize, u32) {
     if e.caps.is_cpu {
         (16, 2, 8)
     } else {
         (8, 2, 64)
+    }
+}
+
+/// Adapters with 8-wide subgroups (llvmpipe) take the subgroup kernel.
+fn use_subgroups(e: &Emit) -> bool {
+    #[cfg(test)]
+    if tests::FORCE_PORTABLE.with(|f| f.get()) {
+        return false;
+    }
+    e.caps.subgroups && e.caps.subgroup_min_size == 8 && e.caps.subgroup_max_size == 8
+}
+
+fn emit_conv(e: &mut Emit, l: ConvLaunch) {
+    let d = l.d;
+    let khw = d.kh * d.kw;
+    // (stride between output channels, between input channels) in w.
+    let (w_cs, w_ks) = if l.flip {
+        (khw, d.co * khw)
+    } else {
+        (d.ci * khw, khw)
+    };
+    let sg = use_subgroups(e);
+    let (tc, ty, wg) = if sg { (16, 2, 8) } else { tile(e) };
+    let (tiles_x, tiles_y) = (d.ow.div_ceil(4), d.oh.div_ceil(ty));
+    let entry = if sg {
+        "conv2d_forward_sg"
+    } else {
+        "conv2d_forward"
+    };
+    let mut k = size_kernel(entry, &d, l.stride, l.pad)
+        .konst("TCO", format!("{tc}u"))
+        .konst("TY", format!("{ty}u"))
+        .bind("x", l.x)
+        .bind("w", l.w)
+        .bind("y", l.y)
+        .u32(w_cs)
+        .u32(w_ks)
+        .u32(tiles_x)
+        .u32(tiles_y)
+        .f32(l.beta)
+        .groups_1d(d.n * tiles_x * tiles_y, wg);
+    k.workgroups[2] = d.co.div_ceil(tc) as u32;
+    if !sg {
+        k = k.konst("WG", format!("{wg}u"));
+    }
+    if l.flip {
+        k = k.konst("FLIP", "true");
+    }
+    if let Some(b) = l.bias {
+        k = k.bind("bias", b).konst("HAS_BIAS", "true");
+    }
+    e.push(k);
+}
+
+impl Conv2d {
+    /// dx of a strided conv: the transposed-convolution kernel.
+    fn emit_strided_grad_input(
+        &self,
+        e: &mut Emit,
+        d: &Geom,
+        dy: Slot,
+        w: Slot,
+        dx: Slot,
+        beta: f32,
+    ) {
+        let (tc, ty, wg) = tile(e);
+        // Column tiles per phase (ix mod SW), each of 4 columns SW apart.
+        let sw = self.stride[1];
+        let per_phase = d.w.div_ceil(sw).div_ceil(4);
+        let (tiles_x, tiles_y) = (sw * per_phase, d.h.div_ceil(ty));
+        let mut k = self
+            .kernel("conv2d_grad_input", d)
+            .konst("TCI", format!("{tc}u"))
+            .konst("TY", format!("{ty}u"))
+            .konst("WG", format!("{wg}u"))
+            .bind("dy", dy)
+            .bind("w", w)
+            .bind("dx", dx)
+            .u32(tiles_x)
+            .u32(tiles_y)
+            .u32(per_phase)
+            .f32(beta)
+            .groups_1d(d.n * tiles_x * tiles_y, wg);
+        k.workgroups[2] = d.ci.div_ceil(tc) as u32;
+        e.push(k);
     }
 }
 
@@ -165,24 +271,20 @@ impl OpKernels for Conv2d {
 
     fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
         let d = self.geom_of(e.graph, i)?;
-        let (tc, ty, wg) = tile(e);
-        let (tiles_x, tiles_y) = (d.ow.div_ceil(4), d.oh.div_ceil(ty));
-        let mut k = self
-            .kernel("conv2d_forward", &d)
-            .konst("TCO", format!("{tc}u"))
-            .konst("TY", format!("{ty}u"))
-            .konst("WG", format!("{wg}u"))
-            .bind("x", Slot::Value(i[0]))
-            .bind("w", Slot::Value(i[1]))
-            .bind("y", Slot::Value(o[0]))
-            .u32(tiles_x)
-            .u32(tiles_y)
-            .groups_1d(d.n * tiles_x * tiles_y, wg);
-        k.workgroups[2] = d.co.div_ceil(tc) as u32;
-        if self.bias {
-            k = k.bind("bias", Slot::Value(i[2])).konst("HAS_BIAS", "true");
-        }
-        e.push(k);
+        emit_conv(
+            e,
+            ConvLaunch {
+                d,
+                stride: self.stride,
+                pad: self.padding.map(|v| v as i64),
+                x: Slot::Value(i[0]),
+                w: Slot::Value(i[1]),
+                bias: self.bias.then(|| Slot::Value(i[2])),
+                y: Slot::Value(o[0]),
+                flip: false,
+                beta: 0.0,
+            },
+        );
         Ok(())
     }
 
@@ -191,27 +293,40 @@ impl OpKernels for Conv2d {
             return Ok(());
         };
         let d = self.geom_of(e.graph, i)?;
-        let (tc, ty, wg) = tile(e);
+        let wg = tile(e).2;
         if let Some(dx) = e.grad_in(0) {
-            // Column tiles per phase (ix mod SW), each of 4 columns SW apart.
-            let sw = self.stride[1];
-            let per_phase = d.w.div_ceil(sw).div_ceil(4);
-            let (tiles_x, tiles_y) = (sw * per_phase, d.h.div_ceil(ty));
-            let mut k = self
-                .kernel("conv2d_grad_input", &d)
-                .konst("TCI", format!("{tc}u"))
-                .konst("TY", format!("{ty}u"))
-                .konst("WG", format!("{wg}u"))
-                .bind("dy", dy)
-                .bind("w", Slot::Value(i[1]))
-                .bind("dx", dx.slot)
-                .u32(tiles_x)
-                .u32(tiles_y)
-                .u32(per_phase)
-                .f32(dx.beta())
-                .groups_1d(d.n * tiles_x * tiles_y, wg);
-            k.workgroups[2] = d.ci.div_ceil(tc) as u32;
-            e.push(k);
+            if self.stride == [1, 1] {
+                // dx = conv(dy, w transposed and flipped), padding K-1-p.
+                let pad = [
+                    d.kh as i64 - 1 - self.padding[0] as i64,
+                    d.kw as i64 - 1 - self.padding[1] as i64,
+                ];
+                let t = Geom {
+                    ci: d.co,
+                    h: d.oh,
+                    w: d.ow,
+                    co: d.ci,
+                    oh: d.h,
+                    ow: d.w,
+                    ..d
+                };
+                emit_conv(
+                    e,
+                    ConvLaunch {
+                        d: t,
+                        stride: [1, 1],
+                        pad,
+                        x: dy,
+                        w: Slot::Value(i[1]),
+                        bias: None,
+                        y: dx.slot,
+                        flip: true,
+                        beta: dx.beta(),
+                    },
+                );
+            } else {
+                self.emit_strided_grad_input(e, &d, dy, Slot::Value(i[1]), dx.slot, dx.beta());
+            }
         }
         if let Some(dw) = e.grad_in(1) {
             // TCO x KH*KW vec4 accumulators per invocation: keep them near 72.
@@ -296,6 +411,12 @@ mod tests {
     use super::*;
     use crate::dtype::DType;
     use crate::ops::testing::{check_op, check_op_all_dtypes, CaseInput};
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Take the portable kernels even where subgroups are available.
+        pub(super) static FORCE_PORTABLE: Cell<bool> = const { Cell::new(false) };
+    }
 
     /// One convolution case: x shape, (co, k), stride, padding, bias.
     struct Case {
@@ -450,6 +571,31 @@ mod tests {
             bias: false,
         };
         c.check("conv_k3_s2_p1_1x19x5x11_to_18", DType::F32);
+    }
+
+    #[test]
+    fn portable_kernels_without_subgroups() {
+        FORCE_PORTABLE.with(|f| f.set(true));
+        let c = Case {
+            x: [2, 3, 7, 5],
+            co: 4,
+            k: 3,
+            stride: 1,
+            padding: 1,
+            bias: true,
+        };
+        c.check("conv_portable_k3_s1_p1_bias_2x3x7x5_to_4", DType::F32);
+        c.check("conv_portable_k3_s1_p1_bias_2x3x7x5_to_4", DType::F16);
+        let c = Case {
+            x: [1, 19, 6, 9],
+            co: 18,
+            k: 3,
+            stride: 1,
+            padding: 1,
+            bias: false,
+        };
+        c.check("conv_portable_k3_s1_p1_1x19x6x9_to_18", DType::F32);
+        FORCE_PORTABLE.with(|f| f.set(false));
     }
 
     #[test]
