@@ -52,9 +52,9 @@ fn window4(win: array<f32, WIN>, kx: u32) -> vec4<f32> {
 //@ const HAS_BIAS = false
 //@ const FLIP = false
 // One invocation: output channels co0 .. co0+TCO (workgroup z), rows
-// oy0 .. oy0+TY and columns ox0 .. ox0+4 of one image. Per input channel it
-// loads each input row the tile touches once, as the window of 3*SW + KW
-// pixels under its 4 columns, and reuses it for every tap.
+// oy0 .. oy0+TY and columns ox0 .. ox0+4 of one image. Per input channel and
+// kernel row it loads for each output row the window of 3*SW + KW input
+// pixels under its 4 columns and reuses it for every kx.
 struct Params {
     n: u32, ci: u32, h: u32, w: u32,
     co: u32, oh: u32, ow: u32, ph: u32, pw: u32,
@@ -62,7 +62,6 @@ struct Params {
     tiles_x: u32, tiles_y: u32,
     beta: f32,
 }
-const NR: u32 = (TY - 1u) * SH + KH;
 
 @compute @workgroup_size(WG)
 fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -86,26 +85,26 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let iy0 = i32(oy0 * SH) - i32(p.ph);
     for (var ci = 0u; ci < p.ci; ci++) {
         let x_img = (n * p.ci + ci) * p.h;
-        var win: array<array<f32, WIN>, NR>;
-        for (var rr = 0u; rr < NR; rr++) {
-            let iy = iy0 + i32(rr);
-            let row = (x_img + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
-            for (var j = 0u; j < WIN; j++) {
-                let ix = ix0 + i32(j);
-                win[rr][j] = select(0.0, x_load(pix(row, ix, p.w)), inside(iy, p.h) && inside(ix, p.w));
-            }
-        }
-        for (var tap = 0u; tap < KH * KW; tap++) {
-            let ky = tap / KW;
-            let kx = tap % KW;
-            var wv: array<f32, TCO>;
-            for (var c = 0u; c < TCO; c++) {
-                wv[c] = w_load(w_index(min(co0 + c, p.co - 1u), ci, tap, p.w_cs, p.w_ks, FLIP));
-            }
+        for (var ky = 0u; ky < KH; ky++) {
+            var win: array<array<f32, WIN>, TY>;
             for (var r = 0u; r < TY; r++) {
-                let xv = window4(win[r * SH + ky], kx);
+                let iy = iy0 + i32(r * SH + ky);
+                let row = (x_img + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
+                for (var j = 0u; j < WIN; j++) {
+                    let ix = ix0 + i32(j);
+                    win[r][j] = select(0.0, x_load(pix(row, ix, p.w)), inside(iy, p.h) && inside(ix, p.w));
+                }
+            }
+            for (var kx = 0u; kx < KW; kx++) {
+                var wv: array<f32, TCO>;
                 for (var c = 0u; c < TCO; c++) {
-                    acc[r * TCO + c] = fma(vec4<f32>(wv[c]), xv, acc[r * TCO + c]);
+                    wv[c] = w_load(w_index(min(co0 + c, p.co - 1u), ci, ky * KW + kx, p.w_cs, p.w_ks, FLIP));
+                }
+                for (var r = 0u; r < TY; r++) {
+                    let xv = window4(win[r], kx);
+                    for (var c = 0u; c < TCO; c++) {
+                        acc[r * TCO + c] = fma(vec4<f32>(wv[c]), xv, acc[r * TCO + c]);
+                    }
                 }
             }
         }
@@ -136,14 +135,15 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 //@ const KW = 3u
 //@ const SH = 1u
 //@ const SW = 1u
-//@ const TCO = 16u
-//@ const TY = 2u
 //@ const HAS_BIAS = false
 //@ const FLIP = false
-// conv2d_forward for adapters whose subgroups are exactly 8 wide (llvmpipe,
-// where every buffer load is costly): the workgroup is one subgroup, each
-// lane loads 1/8 of the tile's weights of an input channel and
-// subgroupBroadcast hands them to the others.
+// conv2d_forward for adapters whose subgroups are exactly 8 wide (llvmpipe).
+// The workgroup is one subgroup; a lane owns 16 output channels x 4 columns
+// of one output row. Per tap, lane l loads the weights of channels l and
+// 8 + l and subgroupBroadcast hands them to the others (2 loads instead of
+// 16). Accumulators are four named mat4x4 (column = pixel, row = channel):
+// llvmpipe keeps those in registers, while arrays indexed in loops spill to
+// slow scratch memory.
 struct Params {
     n: u32, ci: u32, h: u32, w: u32,
     co: u32, oh: u32, ow: u32, ph: u32, pw: u32,
@@ -151,84 +151,94 @@ struct Params {
     tiles_x: u32, tiles_y: u32,
     beta: f32,
 }
-const NR: u32 = (TY - 1u) * SH + KH;
 const WG: u32 = 8u;
-const NW: u32 = TCO * KH * KW;
-const NWL: u32 = (NW + 7u) / 8u;
 
-fn lanes8(v: f32) -> array<f32, 8> {
-    return array<f32, 8>(subgroupBroadcast(v, 0u), subgroupBroadcast(v, 1u), subgroupBroadcast(v, 2u), subgroupBroadcast(v, 3u),
-                         subgroupBroadcast(v, 4u), subgroupBroadcast(v, 5u), subgroupBroadcast(v, 6u), subgroupBroadcast(v, 7u));
+// Lanes 0..3 and 4..7 of v.
+fn lo4(v: f32) -> vec4<f32> {
+    return vec4<f32>(subgroupBroadcast(v, 0u), subgroupBroadcast(v, 1u), subgroupBroadcast(v, 2u), subgroupBroadcast(v, 3u));
+}
+fn hi4(v: f32) -> vec4<f32> {
+    return vec4<f32>(subgroupBroadcast(v, 4u), subgroupBroadcast(v, 5u), subgroupBroadcast(v, 6u), subgroupBroadcast(v, 7u));
+}
+
+// a + w x^T: channels w (rows) times pixels x (columns).
+fn outer_fma(a: mat4x4<f32>, w: vec4<f32>, x: vec4<f32>) -> mat4x4<f32> {
+    return mat4x4<f32>(fma(w, vec4<f32>(x.x), a[0]), fma(w, vec4<f32>(x.y), a[1]),
+                       fma(w, vec4<f32>(x.z), a[2]), fma(w, vec4<f32>(x.w), a[3]));
+}
+
+fn bias4(co: u32) -> mat4x4<f32> {
+    var b = vec4<f32>(0.0);
+    if (HAS_BIAS) {
+        b = vec4<f32>(bias_load(min(co, p.co - 1u)), bias_load(min(co + 1u, p.co - 1u)),
+                      bias_load(min(co + 2u, p.co - 1u)), bias_load(min(co + 3u, p.co - 1u)));
+    }
+    return mat4x4<f32>(b, b, b, b);
+}
+
+// y rows of channels co .. co+4 at (n, oy, ox0 .. ox0+4) = beta * y + a.
+fn store4x4(a: mat4x4<f32>, live: bool, n: u32, co: u32, oy: u32, ox0: u32) {
+    for (var i = 0u; i < 4u; i++) {
+        if (live && oy < p.oh && co + i < p.co) {
+            let idx = ((n * p.co + co + i) * p.oh + oy) * p.ow + ox0;
+            var v = vec4<f32>(a[0][i], a[1][i], a[2][i], a[3][i]);
+            if (ox0 + 4u <= p.ow) {
+                if (p.beta != 0.0) { v += y_load4(idx); }
+                y_store4(idx, v);
+            } else {
+                for (var q = 0u; ox0 + q < p.ow; q++) {
+                    var o = v[q];
+                    if (p.beta != 0.0) { o += y_load(idx + q); }
+                    y_store(idx + q, o);
+                }
+            }
+        }
+    }
 }
 
 @compute @workgroup_size(WG)
 fn conv2d_forward_sg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                  @builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+                     @builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let t = flat_id(gid, nwg, WG);
-    // Invocations past the end compute on clamped coordinates and store
-    // nothing (no early return: the loops stay uniform).
+    // No early return: every lane of the subgroup must take part in broadcasts.
     let live = t / (p.tiles_x * p.tiles_y) < p.n;
     let n = min(t / (p.tiles_x * p.tiles_y), p.n - 1u);
     let ox0 = (t % p.tiles_x) * 4u;
-    let oy0 = ((t / p.tiles_x) % p.tiles_y) * TY;
-    let co0 = wg.z * TCO;
-    var acc: array<vec4<f32>, TCO * TY>;
-    if (HAS_BIAS) {
-        for (var c = 0u; c < TCO; c++) {
-            let b = vec4<f32>(bias_load(min(co0 + c, p.co - 1u)));
-            for (var r = 0u; r < TY; r++) { acc[r * TCO + c] = b; }
-        }
-    }
+    let oy = (t / p.tiles_x) % p.tiles_y;
+    let co0 = wg.z * 16u;
+    let c_lo = min(co0 + lane, p.co - 1u);
+    let c_hi = min(co0 + 8u + lane, p.co - 1u);
+    var a0 = bias4(co0);
+    var a1 = bias4(co0 + 4u);
+    var a2 = bias4(co0 + 8u);
+    var a3 = bias4(co0 + 12u);
     let ix0 = i32(ox0 * SW) - i32(p.pw);
-    let iy0 = i32(oy0 * SH) - i32(p.ph);
     for (var ci = 0u; ci < p.ci; ci++) {
         let x_img = (n * p.ci + ci) * p.h;
-        // Weight m = c * KH*KW + tap of the tile: lane m % 8 loads it.
-        var wb: array<f32, NWL * 8u>;
-        for (var i = 0u; i < NWL; i++) {
-            let m = min(lane + 8u * i, NW - 1u);
-            let c = min(co0 + m / (KH * KW), p.co - 1u);
-            let l = lanes8(w_load(w_index(c, ci, m % (KH * KW), p.w_cs, p.w_ks, FLIP)));
-            for (var j = 0u; j < 8u; j++) { wb[8u * i + j] = l[j]; }
-        }
-        var win: array<array<f32, WIN>, NR>;
-        for (var rr = 0u; rr < NR; rr++) {
-            let iy = iy0 + i32(rr);
+        for (var ky = 0u; ky < KH; ky++) {
+            let iy = i32(oy * SH + ky) - i32(p.ph);
             let row = (x_img + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
+            var win: array<f32, WIN>;
             for (var j = 0u; j < WIN; j++) {
                 let ix = ix0 + i32(j);
-                win[rr][j] = select(0.0, x_load(pix(row, ix, p.w)), inside(iy, p.h) && inside(ix, p.w));
+                win[j] = select(0.0, x_load(pix(row, ix, p.w)), inside(iy, p.h) && inside(ix, p.w));
             }
-        }
-        for (var tap = 0u; tap < KH * KW; tap++) {
-            let ky = tap / KW;
-            let kx = tap % KW;
-            for (var r = 0u; r < TY; r++) {
-                let xv = window4(win[r * SH + ky], kx);
-                for (var c = 0u; c < TCO; c++) {
-                    acc[r * TCO + c] = fma(vec4<f32>(wb[c * KH * KW + tap]), xv, acc[r * TCO + c]);
-                }
-            }
-        }
-    }
-    for (var r = 0u; r < TY; r++) {
-        for (var c = 0u; c < TCO; c++) {
-            if (live && oy0 + r < p.oh && co0 + c < p.co) {
-                let idx = ((n * p.co + co0 + c) * p.oh + oy0 + r) * p.ow + ox0;
-                var v = acc[r * TCO + c];
-                if (ox0 + 4u <= p.ow) {
-                    if (p.beta != 0.0) { v += y_load4(idx); }
-                    y_store4(idx, v);
-                } else {
-                    for (var q = 0u; ox0 + q < p.ow; q++) {
-                        var o = v[q];
-                        if (p.beta != 0.0) { o += y_load(idx + q); }
-                        y_store(idx + q, o);
-                    }
-                }
+            for (var kx = 0u; kx < KW; kx++) {
+                let tap = ky * KW + kx;
+                let v0 = w_load(w_index(c_lo, ci, tap, p.w_cs, p.w_ks, FLIP));
+                let v1 = w_load(w_index(c_hi, ci, tap, p.w_cs, p.w_ks, FLIP));
+                let xv = window4(win, kx);
+                a0 = outer_fma(a0, lo4(v0), xv);
+                a1 = outer_fma(a1, hi4(v0), xv);
+                a2 = outer_fma(a2, lo4(v1), xv);
+                a3 = outer_fma(a3, hi4(v1), xv);
             }
         }
     }
+    store4x4(a0, live, n, co0, oy, ox0);
+    store4x4(a1, live, n, co0 + 4u, oy, ox0);
+    store4x4(a2, live, n, co0 + 8u, oy, ox0);
+    store4x4(a3, live, n, co0 + 12u, oy, ox0);
 }
 
 //@ entry conv2d_grad_input

@@ -147,7 +147,7 @@ fn emit_conv(e: &mut Emit, l: ConvLaunch) {
         (d.ci * khw, khw)
     };
     let sg = use_subgroups(e);
-    let (tc, ty, wg) = if sg { (16, 2, 8) } else { tile(e) };
+    let (tc, ty, wg) = if sg { (16, 1, 8) } else { tile(e) };
     let (tiles_x, tiles_y) = (d.ow.div_ceil(4), d.oh.div_ceil(ty));
     let entry = if sg {
         "conv2d_forward_sg"
@@ -155,8 +155,6 @@ fn emit_conv(e: &mut Emit, l: ConvLaunch) {
         "conv2d_forward"
     };
     let mut k = size_kernel(entry, &d, l.stride, l.pad)
-        .konst("TCO", format!("{tc}u"))
-        .konst("TY", format!("{ty}u"))
         .bind("x", l.x)
         .bind("w", l.w)
         .bind("y", l.y)
@@ -168,7 +166,10 @@ fn emit_conv(e: &mut Emit, l: ConvLaunch) {
         .groups_1d(d.n * tiles_x * tiles_y, wg);
     k.workgroups[2] = d.co.div_ceil(tc) as u32;
     if !sg {
-        k = k.konst("WG", format!("{wg}u"));
+        k = k
+            .konst("TCO", format!("{tc}u"))
+            .konst("TY", format!("{ty}u"))
+            .konst("WG", format!("{wg}u"));
     }
     if l.flip {
         k = k.konst("FLIP", "true");
