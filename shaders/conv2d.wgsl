@@ -250,7 +250,8 @@ fn conv2d_forward_sg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
 //@ const TCI = 8u
 //@ const TY = 2u
 //@ const WG = 8u
-// The transposed convolution. One invocation: input channels ci0 .. ci0+TCI
+// The transposed convolution for stride > 1 (stride 1 runs conv2d_forward
+// with FLIP on dy instead). One invocation: input channels ci0 .. ci0+TCI
 // (workgroup z), rows iy0 .. iy0+TY and 4 columns ix = phase + SW*(4q + t),
 // t < 4, that share ix mod SW, so a tap kx either hits a dy pixel for all 4
 // columns (at consecutive ox) or for none. Column tiles are ordered by phase
