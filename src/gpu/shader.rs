@@ -38,6 +38,7 @@ pub static SOURCES: &[(&str, &str)] = &[
     ("group_norm", include_str!("../../shaders/group_norm.wgsl")),
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
     ("attention", include_str!("../../shaders/attention.wgsl")),
+    ("conv2d", include_str!("../../shaders/conv2d.wgsl")),
 ];
 
 /// How a kernel uses a tensor binding.

@@ -60,6 +60,9 @@ op_enum! {
     // matmul
     /// Batched matmul with optional transposes and bias.
     Matmul(ops::matmul::Matmul),
+    // conv2d
+    /// 2-D convolution (NCHW) with optional bias, stride and zero padding.
+    Conv2d(ops::conv2d::Conv2d),
     // reduce
     /// Sum over axes.
     ReduceSum(ops::reduce::ReduceSum),

@@ -1,0 +1,617 @@
+//! 2-D convolution with PyTorch `nn.Conv2d` semantics (NCHW, weight
+//! `[Co, Ci, KH, KW]`, optional bias `[Co]`, zero padding, dilation 1,
+//! groups 1), as implicit GEMM kernels in `shaders/conv2d.wgsl`: forward,
+//! data gradient (the transposed convolution) and weight gradient gather their
+//! operands directly; the bias gradient is a broadcast reduction.
+
+use super::elementwise::{broadcast_layout, emit_broadcast_reduce};
+use crate::error::{shape_err, Result};
+use crate::graph::{Emit, Graph, Kernel, OpKernels, Slot, TensorId};
+
+/// Attributes of a convolution node (inputs: x, weight, and bias when `bias`).
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    /// (height, width)
+    pub stride: [usize; 2],
+    /// Zero padding on both sides, (height, width).
+    pub padding: [usize; 2],
+    pub bias: bool,
+}
+
+/// The sizes of one convolution.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    n: usize,
+    ci: usize,
+    h: usize,
+    w: usize,
+    co: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Conv2d {
+    fn geom(&self, x: &[usize], w: &[usize]) -> std::result::Result<Geom, String> {
+        let [n, ci, h, wd] = *x else {
+            return Err(format!("x {x:?} must be [N, C, H, W] (weight {w:?})"));
+        };
+        let [co, wci, kh, kw] = *w else {
+            return Err(format!("weight {w:?} must be [Co, Ci, KH, KW] (x {x:?})"));
+        };
+        if wci != ci {
+            return Err(format!(
+                "x {x:?} has {ci} channels but weight {w:?} expects {wci}"
+            ));
+        }
+        let [sh, sw] = self.stride;
+        let [ph, pw] = self.padding;
+        if sh == 0 || sw == 0 || kh == 0 || kw == 0 || co == 0 {
+            return Err(format!(
+                "weight {w:?} and stride {:?} must be nonzero (x {x:?})",
+                self.stride
+            ));
+        }
+        if h + 2 * ph < kh || wd + 2 * pw < kw {
+            return Err(format!(
+                "kernel of weight {w:?} is larger than x {x:?} padded by {:?}",
+                self.padding
+            ));
+        }
+        Ok(Geom {
+            n,
+            ci,
+            h,
+            w: wd,
+            co,
+            kh,
+            kw,
+            oh: (h + 2 * ph - kh) / sh + 1,
+            ow: (wd + 2 * pw - kw) / sw + 1,
+        })
+    }
+
+    fn geom_of(&self, g: &Graph, i: &[TensorId]) -> Result<Geom> {
+        self.geom(g.shape(i[0]), g.shape(i[1]))
+            .map_err(|m| shape_err("conv2d", m))
+    }
+
+    /// A kernel of `entry` with the consts and the size params every entry shares.
+    fn kernel(&self, entry: &'static str, d: &Geom) -> Kernel {
+        size_kernel(entry, d, self.stride, self.padding.map(|v| v as i64))
+    }
+}
+
+/// A kernel of `entry` with the consts and size params all entries share.
+/// Paddings travel as u32 bit patterns of i32 (the flipped convolution of a
+/// data gradient may need a negative one).
+fn size_kernel(entry: &'static str, d: &Geom, stride: [usize; 2], pad: [i64; 2]) -> Kernel {
+    Kernel::new("conv2d", entry)
+        .konst("KH", format!("{}u", d.kh))
+        .konst("KW", format!("{}u", d.kw))
+        .konst("SH", format!("{}u", stride[0]))
+        .konst("SW", format!("{}u", stride[1]))
+        .u32(d.n)
+        .u32(d.ci)
+        .u32(d.h)
+        .u32(d.w)
+        .u32(d.co)
+        .u32(d.oh)
+        .u32(d.ow)
+        .u32(pad[0] as i32 as u32 as usize)
+        .u32(pad[1] as i32 as u32 as usize)
+}
+
+/// One run of the forward kernel: y = beta*y + conv(x, w) (+ bias).
+struct ConvLaunch {
+    d: Geom,
+    stride: [usize; 2],
+    pad: [i64; 2],
+    x: Slot,
+    w: Slot,
+    bias: Option<Slot>,
+    y: Slot,
+    /// Read w as the data gradient of a stride-1 conv does (see `w_index`).
+    flip: bool,
+    beta: f32,
+}
+
+/// Register tile per invocation of the portable kernels: (channels, rows,
+/// workgroup size). CPU adapters run one SIMD lane per invocation and like
+/// big tiles in one SIMD group; GPUs want more, smaller threads.
+fn tile(e: &Emit) -> (usize, usize, u32) {
+    if e.caps.is_cpu {
+        (16, 2, 8)
+    } else {
+        (8, 2, 64)
+    }
+}
+
+/// Adapters with 8-wide subgroups (llvmpipe) take the subgroup kernel.
+fn use_subgroups(e: &Emit) -> bool {
+    #[cfg(test)]
+    if tests::FORCE_PORTABLE.with(|f| f.get()) {
+        return false;
+    }
+    e.caps.subgroups && e.caps.subgroup_min_size == 8 && e.caps.subgroup_max_size == 8
+}
+
+fn emit_conv(e: &mut Emit, l: ConvLaunch) {
+    let d = l.d;
+    let khw = d.kh * d.kw;
+    // (stride between output channels, between input channels) in w.
+    let (w_cs, w_ks) = if l.flip {
+        (khw, d.co * khw)
+    } else {
+        (d.ci * khw, khw)
+    };
+    let sg = use_subgroups(e);
+    let (tc, ty, wg) = if sg { (16, 1, 8) } else { tile(e) };
+    let (tiles_x, tiles_y) = (d.ow.div_ceil(4), d.oh.div_ceil(ty));
+    let entry = if sg {
+        "conv2d_forward_sg"
+    } else {
+        "conv2d_forward"
+    };
+    let mut k = size_kernel(entry, &d, l.stride, l.pad)
+        .bind("x", l.x)
+        .bind("w", l.w)
+        .bind("y", l.y)
+        .u32(w_cs)
+        .u32(w_ks)
+        .u32(tiles_x)
+        .u32(tiles_y)
+        .f32(l.beta)
+        .groups_1d(d.n * tiles_x * tiles_y, wg);
+    k.workgroups[2] = d.co.div_ceil(tc) as u32;
+    if !sg {
+        k = k
+            .konst("TCO", format!("{tc}u"))
+            .konst("TY", format!("{ty}u"))
+            .konst("WG", format!("{wg}u"));
+    }
+    if l.flip {
+        k = k.konst("FLIP", "true");
+    }
+    if let Some(b) = l.bias {
+        k = k.bind("bias", b).konst("HAS_BIAS", "true");
+    }
+    e.push(k);
+}
+
+impl Conv2d {
+    /// dx of a strided conv: the transposed-convolution kernel.
+    fn emit_strided_grad_input(
+        &self,
+        e: &mut Emit,
+        d: &Geom,
+        dy: Slot,
+        w: Slot,
+        dx: Slot,
+        beta: f32,
+    ) {
+        let (tc, ty, wg) = tile(e);
+        // Column tiles per phase (ix mod SW), each of 4 columns SW apart.
+        let sw = self.stride[1];
+        let per_phase = d.w.div_ceil(sw).div_ceil(4);
+        let (tiles_x, tiles_y) = (sw * per_phase, d.h.div_ceil(ty));
+        let mut k = self
+            .kernel("conv2d_grad_input", d)
+            .konst("TCI", format!("{tc}u"))
+            .konst("TY", format!("{ty}u"))
+            .konst("WG", format!("{wg}u"))
+            .bind("dy", dy)
+            .bind("w", w)
+            .bind("dx", dx)
+            .u32(tiles_x)
+            .u32(tiles_y)
+            .u32(per_phase)
+            .f32(beta)
+            .groups_1d(d.n * tiles_x * tiles_y, wg);
+        k.workgroups[2] = d.ci.div_ceil(tc) as u32;
+        e.push(k);
+    }
+}
+
+impl Graph {
+    /// torch's `nn.Conv2d(stride, padding)`: x `[N, Ci, H, W]`, weight
+    /// `[Co, Ci, KH, KW]`, bias `[Co]` -> `[N, Co, OH, OW]`.
+    pub fn conv2d(
+        &mut self,
+        x: TensorId,
+        weight: TensorId,
+        bias: Option<TensorId>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<TensorId> {
+        self.conv2d_hw(x, weight, bias, [stride, stride], [padding, padding])
+    }
+
+    /// [`Graph::conv2d`] with separate (height, width) stride and padding.
+    pub fn conv2d_hw(
+        &mut self,
+        x: TensorId,
+        weight: TensorId,
+        bias: Option<TensorId>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> Result<TensorId> {
+        let op = Conv2d {
+            stride,
+            padding,
+            bias: bias.is_some(),
+        };
+        let d = op
+            .geom(self.shape(x), self.shape(weight))
+            .map_err(|m| shape_err("conv2d", m))?;
+        let mut inputs = vec![x, weight];
+        if let Some(b) = bias {
+            if self.shape(b) != [d.co] {
+                return Err(shape_err(
+                    "conv2d",
+                    format!(
+                        "bias {:?} must be [{}] for weight {:?}",
+                        self.shape(b),
+                        d.co,
+                        self.shape(weight)
+                    ),
+                ));
+            }
+            inputs.push(b);
+        }
+        let dt = self.dtype(x);
+        Ok(self.add_node(op.into(), &inputs, &[(vec![d.n, d.co, d.oh, d.ow], dt)])[0])
+    }
+}
+
+impl OpKernels for Conv2d {
+    fn kind(&self) -> &'static str {
+        "conv2d"
+    }
+
+    fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
+        let d = self.geom_of(e.graph, i)?;
+        emit_conv(
+            e,
+            ConvLaunch {
+                d,
+                stride: self.stride,
+                pad: self.padding.map(|v| v as i64),
+                x: Slot::Value(i[0]),
+                w: Slot::Value(i[1]),
+                bias: self.bias.then(|| Slot::Value(i[2])),
+                y: Slot::Value(o[0]),
+                flip: false,
+                beta: 0.0,
+            },
+        );
+        Ok(())
+    }
+
+    fn backward(&self, e: &mut Emit, i: &[TensorId], _o: &[TensorId]) -> Result<()> {
+        let Some(dy) = e.grad_out(0) else {
+            return Ok(());
+        };
+        let d = self.geom_of(e.graph, i)?;
+        let wg = tile(e).2;
+        if let Some(dx) = e.grad_in(0) {
+            if self.stride == [1, 1] {
+                // dx = conv(dy, w transposed and flipped), padding K-1-p.
+                let pad = [
+                    d.kh as i64 - 1 - self.padding[0] as i64,
+                    d.kw as i64 - 1 - self.padding[1] as i64,
+                ];
+                let t = Geom {
+                    ci: d.co,
+                    h: d.oh,
+                    w: d.ow,
+                    co: d.ci,
+                    oh: d.h,
+                    ow: d.w,
+                    ..d
+                };
+                emit_conv(
+                    e,
+                    ConvLaunch {
+                        d: t,
+                        stride: [1, 1],
+                        pad,
+                        x: dy,
+                        w: Slot::Value(i[1]),
+                        bias: None,
+                        y: dx.slot,
+                        flip: true,
+                        beta: dx.beta(),
+                    },
+                );
+            } else {
+                self.emit_strided_grad_input(e, &d, dy, Slot::Value(i[1]), dx.slot, dx.beta());
+            }
+        }
+        if let Some(dw) = e.grad_in(1) {
+            // TCO x KH*KW vec4 accumulators per invocation: keep them near 72.
+            let tco = (72 / (d.kh * d.kw)).clamp(1, 16);
+            e.push(
+                self.kernel("conv2d_grad_weight", &d)
+                    .konst("TCO", format!("{tco}u"))
+                    .konst("WG", format!("{wg}u"))
+                    .bind("x", Slot::Value(i[0]))
+                    .bind("dy", dy)
+                    .bind("dw", dw.slot)
+                    .f32(dw.beta())
+                    .groups(
+                        d.ci.div_ceil(wg as usize) as u32,
+                        d.co.div_ceil(tco) as u32,
+                        1,
+                    ),
+            );
+        }
+        if self.bias {
+            if let Some(db) = e.grad_in(2) {
+                let l = broadcast_layout(&[d.n, d.co, d.oh * d.ow], &[1, d.co, 1])
+                    .map_err(|m| shape_err("conv2d", m))?;
+                emit_broadcast_reduce(e, db.slot, dy, None, &l, db.beta());
+            }
+        }
+        Ok(())
+    }
+
+    fn flops(&self, g: &Graph, i: &[TensorId], _o: &[TensorId]) -> u64 {
+        self.geom(g.shape(i[0]), g.shape(i[1]))
+            .map(|d| 2 * (d.n * d.co * d.oh * d.ow * d.ci * d.kh * d.kw) as u64)
+            .unwrap_or(0)
+    }
+}
+
+/// CPU reference (f64): x `[n, ci, h, w]`, weight `[co, ci, kh, kw]` -> `[n, co, oh, ow]`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_cpu(
+    x: &[f64],
+    weight: &[f64],
+    bias: Option<&[f64]>,
+    [n, ci, h, w]: [usize; 4],
+    [co, kh, kw]: [usize; 3],
+    stride: [usize; 2],
+    padding: [usize; 2],
+) -> Vec<f64> {
+    let oh = (h + 2 * padding[0] - kh) / stride[0] + 1;
+    let ow = (w + 2 * padding[1] - kw) / stride[1] + 1;
+    let mut out = vec![0.0; n * co * oh * ow];
+    for b in 0..n {
+        for o in 0..co {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut s = bias.map(|v| v[o]).unwrap_or(0.0);
+                    for c in 0..ci {
+                        for ky in 0..kh {
+                            let iy = (oy * stride[0] + ky) as isize - padding[0] as isize;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            for kx in 0..kw {
+                                let ix = (ox * stride[1] + kx) as isize - padding[1] as isize;
+                                if ix < 0 || ix >= w as isize {
+                                    continue;
+                                }
+                                s += weight[((o * ci + c) * kh + ky) * kw + kx]
+                                    * x[((b * ci + c) * h + iy as usize) * w + ix as usize];
+                            }
+                        }
+                    }
+                    out[((b * co + o) * oh + oy) * ow + ox] = s;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::ops::testing::{check_op, check_op_all_dtypes, CaseInput};
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Take the portable kernels even where subgroups are available.
+        pub(super) static FORCE_PORTABLE: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// One convolution case: x shape, (co, k), stride, padding, bias.
+    struct Case {
+        x: [usize; 4],
+        co: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    }
+
+    impl Case {
+        fn inputs(&self) -> Vec<CaseInput> {
+            let mut v = vec![
+                CaseInput::act(&self.x),
+                CaseInput::param(&[self.co, self.x[1], self.k, self.k]),
+            ];
+            if self.bias {
+                v.push(CaseInput::param(&[self.co]));
+            }
+            v
+        }
+
+        fn build(&self, g: &mut Graph, t: &[TensorId]) -> Result<TensorId> {
+            g.conv2d(
+                t[0],
+                t[1],
+                self.bias.then(|| t[2]),
+                self.stride,
+                self.padding,
+            )
+        }
+
+        fn reference(&self, v: &[Vec<f64>]) -> Vec<f64> {
+            conv2d_cpu(
+                &v[0],
+                &v[1],
+                self.bias.then(|| v[2].as_slice()),
+                self.x,
+                [self.co, self.k, self.k],
+                [self.stride; 2],
+                [self.padding; 2],
+            )
+        }
+
+        fn check(&self, name: &str, dtype: DType) {
+            let r = check_op(
+                name,
+                &self.inputs(),
+                &|g, t| self.build(g, t),
+                &|v| self.reference(v),
+                dtype,
+                false,
+            );
+            println!("{name} [{dtype}]: {r:?}");
+        }
+
+        fn check_all_dtypes(&self, name: &str) {
+            check_op_all_dtypes(name, &self.inputs(), &|g, t| self.build(g, t), &|v| {
+                self.reference(v)
+            });
+        }
+    }
+
+    #[test]
+    fn k3_s1_p1_bias_all_dtypes() {
+        let c = Case {
+            x: [2, 3, 7, 5],
+            co: 4,
+            k: 3,
+            stride: 1,
+            padding: 1,
+            bias: true,
+        };
+        c.check_all_dtypes("conv_k3_s1_p1_bias_2x3x7x5_to_4");
+    }
+
+    #[test]
+    fn k3_s2_p1_odd_all_dtypes() {
+        let c = Case {
+            x: [2, 3, 9, 7],
+            co: 5,
+            k: 3,
+            stride: 2,
+            padding: 1,
+            bias: true,
+        };
+        c.check_all_dtypes("conv_k3_s2_p1_bias_2x3x9x7_to_5");
+    }
+
+    #[test]
+    fn k3_s1_p1_no_bias() {
+        let c = Case {
+            x: [1, 5, 6, 9],
+            co: 3,
+            k: 3,
+            stride: 1,
+            padding: 1,
+            bias: false,
+        };
+        c.check("conv_k3_s1_p1_1x5x6x9_to_3", DType::F32);
+    }
+
+    #[test]
+    fn k1_s1_p0() {
+        let c = Case {
+            x: [2, 5, 3, 7],
+            co: 17,
+            k: 1,
+            stride: 1,
+            padding: 0,
+            bias: true,
+        };
+        c.check("conv_k1_s1_p0_bias_2x5x3x7_to_17", DType::F32);
+    }
+
+    #[test]
+    fn k3_s1_p0() {
+        let c = Case {
+            x: [2, 3, 6, 7],
+            co: 3,
+            k: 3,
+            stride: 1,
+            padding: 0,
+            bias: false,
+        };
+        c.check("conv_k3_s1_p0_2x3x6x7_to_3", DType::F32);
+    }
+
+    #[test]
+    fn k3_s2_p0_even() {
+        let c = Case {
+            x: [1, 3, 8, 10],
+            co: 4,
+            k: 3,
+            stride: 2,
+            padding: 0,
+            bias: true,
+        };
+        c.check("conv_k3_s2_p0_bias_1x3x8x10_to_4", DType::F32);
+    }
+
+    #[test]
+    fn k3_s2_p1_no_bias_many_channels() {
+        // Channel counts above one register tile (16 on CPU adapters, 8 elsewhere).
+        let c = Case {
+            x: [1, 19, 5, 11],
+            co: 18,
+            k: 3,
+            stride: 2,
+            padding: 1,
+            bias: false,
+        };
+        c.check("conv_k3_s2_p1_1x19x5x11_to_18", DType::F32);
+    }
+
+    #[test]
+    fn portable_kernels_without_subgroups() {
+        FORCE_PORTABLE.with(|f| f.set(true));
+        let c = Case {
+            x: [2, 3, 7, 5],
+            co: 4,
+            k: 3,
+            stride: 1,
+            padding: 1,
+            bias: true,
+        };
+        c.check("conv_portable_k3_s1_p1_bias_2x3x7x5_to_4", DType::F32);
+        c.check("conv_portable_k3_s1_p1_bias_2x3x7x5_to_4", DType::F16);
+        let c = Case {
+            x: [1, 19, 6, 9],
+            co: 18,
+            k: 3,
+            stride: 1,
+            padding: 1,
+            bias: false,
+        };
+        c.check("conv_portable_k3_s1_p1_1x19x6x9_to_18", DType::F32);
+        FORCE_PORTABLE.with(|f| f.set(false));
+    }
+
+    #[test]
+    fn shape_errors_name_the_shapes() {
+        let mut g = Graph::new();
+        let x = g.input("x", &[2, 3, 8, 8], DType::F32);
+        let w = g.param("w", &[4, 5, 3, 3]);
+        let err = g.conv2d(x, w, None, 1, 1).unwrap_err().to_string();
+        assert!(
+            err.contains("conv2d") && err.contains("[2, 3, 8, 8]") && err.contains("[4, 5, 3, 3]"),
+            "{err}"
+        );
+        let w = g.param("w2", &[4, 3, 3, 3]);
+        let b = g.param("b", &[5]);
+        let err = g.conv2d(x, w, Some(b), 1, 1).unwrap_err().to_string();
+        assert!(err.contains("conv2d") && err.contains("[5]"), "{err}");
+    }
+}
