@@ -36,15 +36,11 @@ fn pack_b(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     bp_store4(i, v);
 }
 
-//@ entry gemm
-//@ tensors a:read bp:read bias:read c:rw
-//@ const RB = 8u
-//@ const CB = 2u
-//@ const WGX = 8u
-//@ const HAS_BIAS = false
-// Each invocation owns RB x CB blocks of 4 x 4 (TM = 4 RB rows, RB <= 8;
-// TN = 4 CB columns, CB <= 2), each a mat4x4 whose column i is row i of the block. The blocks
-// are named variables, not an array: compilers keep them in registers.
+//@ helpers gemm_tiles
+// Each invocation owns RB x CB blocks of 4 x 4 (TM = 4 RB rows, RB <= 4;
+// TN = 4 CB columns, CB <= 2), each a mat4x4 whose column i is row i of the
+// block. The blocks are named variables, not an array: compilers keep them
+// in registers (an indexed array spills to scratch memory on llvmpipe).
 struct Params {
     m: u32, n: u32, k: u32,
     a_bs: u32, a_rs: u32, a_cs: u32,
@@ -62,6 +58,13 @@ fn outer_fma(acc: mat4x4<f32>, a: vec4<f32>, b: vec4<f32>) -> mat4x4<f32> {
 // Four rows of A at column offset k (row offsets precomputed, clamped).
 fn a_col4(rows: vec4<u32>, k: u32) -> vec4<f32> {
     return vec4<f32>(a_load(rows.x + k), a_load(rows.y + k), a_load(rows.z + k), a_load(rows.w + k));
+}
+
+// Offsets of rows row..row+3 of batch z; rows past the edge read row m - 1
+// (a valid address) and are never stored.
+fn row_offsets(z: u32, row: u32) -> vec4<u32> {
+    let last = p.m - 1u;
+    return z * p.a_bs + vec4<u32>(min(row, last), min(row + 1u, last), min(row + 2u, last), min(row + 3u, last)) * p.a_rs;
 }
 
 fn store_block(acc: mat4x4<f32>, row0: u32, col0: u32, c_base: u32) {
@@ -82,58 +85,108 @@ fn store_block(acc: mat4x4<f32>, row0: u32, col0: u32, c_base: u32) {
     }
 }
 
-fn row_offsets(z: u32, row: u32) -> vec4<u32> {
-    let last = p.m - 1u;
-    return z * p.a_bs + vec4<u32>(min(row, last), min(row + 1u, last), min(row + 2u, last), min(row + 3u, last)) * p.a_rs;
+// The register tile of one invocation and the k steps that update it.
+struct Tile {
+    c00: mat4x4<f32>, c01: mat4x4<f32>, c10: mat4x4<f32>, c11: mat4x4<f32>,
+    c20: mat4x4<f32>, c21: mat4x4<f32>, c30: mat4x4<f32>, c31: mat4x4<f32>,
 }
 
+// One k step: A's column for the tile's rows (a0..a3, 4 rows each) times
+// B's row for its columns (b0, b1).
+fn tile_step(t: ptr<function, Tile>, a0: vec4<f32>, a1: vec4<f32>, a2: vec4<f32>, a3: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>) {
+    (*t).c00 = outer_fma((*t).c00, a0, b0);
+    if (CB > 1u) { (*t).c01 = outer_fma((*t).c01, a0, b1); }
+    if (RB > 1u) { (*t).c10 = outer_fma((*t).c10, a1, b0); if (CB > 1u) { (*t).c11 = outer_fma((*t).c11, a1, b1); } }
+    if (RB > 2u) { (*t).c20 = outer_fma((*t).c20, a2, b0); if (CB > 1u) { (*t).c21 = outer_fma((*t).c21, a2, b1); } }
+    if (RB > 3u) { (*t).c30 = outer_fma((*t).c30, a3, b0); if (CB > 1u) { (*t).c31 = outer_fma((*t).c31, a3, b1); } }
+}
+
+struct Rows { r0: vec4<u32>, r1: vec4<u32>, r2: vec4<u32>, r3: vec4<u32> }
+
+// A plain k step at column offset a_k of A and b_at of the packed panel.
+fn plain_step(t: ptr<function, Tile>, rows: Rows, a_k: u32, b_at: u32) {
+    let b0 = bp_load4(b_at);
+    var b1 = vec4<f32>();
+    if (CB > 1u) { b1 = bp_load4(b_at + 4u); }
+    var a1 = vec4<f32>(); var a2 = vec4<f32>(); var a3 = vec4<f32>();
+    if (RB > 1u) { a1 = a_col4(rows.r1, a_k); }
+    if (RB > 2u) { a2 = a_col4(rows.r2, a_k); }
+    if (RB > 3u) { a3 = a_col4(rows.r3, a_k); }
+    tile_step(t, a_col4(rows.r0, a_k), a1, a2, a3, b0, b1);
+}
+
+fn store_tile(t: Tile, row0: u32, col0: u32, z: u32) {
+    let cb = z * p.m * p.n;
+    store_block(t.c00, row0, col0, cb);
+    if (CB > 1u) { store_block(t.c01, row0, col0 + 4u, cb); }
+    if (RB > 1u) { store_block(t.c10, row0 + 4u, col0, cb); if (CB > 1u) { store_block(t.c11, row0 + 4u, col0 + 4u, cb); } }
+    if (RB > 2u) { store_block(t.c20, row0 + 8u, col0, cb); if (CB > 1u) { store_block(t.c21, row0 + 8u, col0 + 4u, cb); } }
+    if (RB > 3u) { store_block(t.c30, row0 + 12u, col0, cb); if (CB > 1u) { store_block(t.c31, row0 + 12u, col0 + 4u, cb); } }
+}
+
+fn rows_of(z: u32, row0: u32) -> Rows {
+    return Rows(row_offsets(z, row0), row_offsets(z, row0 + 4u), row_offsets(z, row0 + 8u), row_offsets(z, row0 + 12u));
+}
+
+//@ entry gemm
+//@ tensors a:read bp:read bias:read c:rw
+//@ const RB = 4u
+//@ const CB = 2u
+//@ const WGX = 8u
+//@ const HAS_BIAS = false
+//@ use gemm_tiles
+// A workgroup is one row of WGX invocations sharing the same rows of A:
+// A's address is uniform across the workgroup, so a GPU fetches it once and
+// broadcasts it.
 @compute @workgroup_size(WGX, 1, 1)
 fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let z = wg.z;
     let row0 = wg.y * 4u * RB;
-    let lane_col = lid.x * TN;
-    // Rows past the edge read row m - 1 (a valid address) and are not stored.
-    let r0 = row_offsets(z, row0 + 0u);
-    let r1 = row_offsets(z, row0 + 4u);
-    let r2 = row_offsets(z, row0 + 8u);
-    let r3 = row_offsets(z, row0 + 12u);
-    let r4 = row_offsets(z, row0 + 16u);
-    let r5 = row_offsets(z, row0 + 20u);
-    let r6 = row_offsets(z, row0 + 24u);
-    let r7 = row_offsets(z, row0 + 28u);
-    var c00 = mat4x4<f32>(); var c01 = mat4x4<f32>();
-    var c10 = mat4x4<f32>(); var c11 = mat4x4<f32>();
-    var c20 = mat4x4<f32>(); var c21 = mat4x4<f32>();
-    var c30 = mat4x4<f32>(); var c31 = mat4x4<f32>();
-    var c40 = mat4x4<f32>(); var c41 = mat4x4<f32>();
-    var c50 = mat4x4<f32>(); var c51 = mat4x4<f32>();
-    var c60 = mat4x4<f32>(); var c61 = mat4x4<f32>();
-    var c70 = mat4x4<f32>(); var c71 = mat4x4<f32>();
-    var b_at = (z * p.panels + wg.x) * p.k * PW + lane_col;
-    var a_k = 0u;
+    let rows = rows_of(wg.z, row0);
+    var t: Tile;
+    var b_at = (wg.z * p.panels + wg.x) * p.k * PW + lid.x * TN;
     for (var kk = 0u; kk < p.k; kk++) {
-        let b0 = bp_load4(b_at);
-        var b1 = vec4<f32>();
-        if (CB > 1u) { b1 = bp_load4(b_at + 4u); }
-        { let a = a_col4(r0, a_k); c00 = outer_fma(c00, a, b0); if (CB > 1u) { c01 = outer_fma(c01, a, b1); } }
-        if (RB > 1u) { let a = a_col4(r1, a_k); c10 = outer_fma(c10, a, b0); if (CB > 1u) { c11 = outer_fma(c11, a, b1); } }
-        if (RB > 2u) { let a = a_col4(r2, a_k); c20 = outer_fma(c20, a, b0); if (CB > 1u) { c21 = outer_fma(c21, a, b1); } }
-        if (RB > 3u) { let a = a_col4(r3, a_k); c30 = outer_fma(c30, a, b0); if (CB > 1u) { c31 = outer_fma(c31, a, b1); } }
-        if (RB > 4u) { let a = a_col4(r4, a_k); c40 = outer_fma(c40, a, b0); if (CB > 1u) { c41 = outer_fma(c41, a, b1); } }
-        if (RB > 5u) { let a = a_col4(r5, a_k); c50 = outer_fma(c50, a, b0); if (CB > 1u) { c51 = outer_fma(c51, a, b1); } }
-        if (RB > 6u) { let a = a_col4(r6, a_k); c60 = outer_fma(c60, a, b0); if (CB > 1u) { c61 = outer_fma(c61, a, b1); } }
-        if (RB > 7u) { let a = a_col4(r7, a_k); c70 = outer_fma(c70, a, b0); if (CB > 1u) { c71 = outer_fma(c71, a, b1); } }
+        plain_step(&t, rows, kk * p.a_cs, b_at);
         b_at += PW;
-        a_k += p.a_cs;
     }
-    let col0 = wg.x * PW + lane_col;
-    let cb = z * p.m * p.n;
-    { store_block(c00, row0 + 0u, col0, cb); if (CB > 1u) { store_block(c01, row0 + 0u, col0 + 4u, cb); } }
-    if (RB > 1u) { store_block(c10, row0 + 4u, col0, cb); if (CB > 1u) { store_block(c11, row0 + 4u, col0 + 4u, cb); } }
-    if (RB > 2u) { store_block(c20, row0 + 8u, col0, cb); if (CB > 1u) { store_block(c21, row0 + 8u, col0 + 4u, cb); } }
-    if (RB > 3u) { store_block(c30, row0 + 12u, col0, cb); if (CB > 1u) { store_block(c31, row0 + 12u, col0 + 4u, cb); } }
-    if (RB > 4u) { store_block(c40, row0 + 16u, col0, cb); if (CB > 1u) { store_block(c41, row0 + 16u, col0 + 4u, cb); } }
-    if (RB > 5u) { store_block(c50, row0 + 20u, col0, cb); if (CB > 1u) { store_block(c51, row0 + 20u, col0 + 4u, cb); } }
-    if (RB > 6u) { store_block(c60, row0 + 24u, col0, cb); if (CB > 1u) { store_block(c61, row0 + 24u, col0 + 4u, cb); } }
-    if (RB > 7u) { store_block(c70, row0 + 28u, col0, cb); if (CB > 1u) { store_block(c71, row0 + 28u, col0 + 4u, cb); } }
+    store_tile(t, row0, wg.x * PW + lid.x * TN, wg.z);
+}
+
+//@ entry gemm_subgroup
+//@ tensors a:read bp:read bias:read c:rw
+//@ const RB = 4u
+//@ const CB = 2u
+//@ const WGX = 8u
+//@ const HAS_BIAS = false
+//@ use gemm_tiles
+// For adapters whose subgroup is exactly the WGX-wide workgroup (llvmpipe):
+// in each block of WGX k steps, lane l loads A's column k0 + l once, and
+// subgroupShuffle hands each column to every lane in turn, instead of every
+// lane loading every element of A.
+@compute @workgroup_size(WGX, 1, 1)
+fn gemm_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row0 = wg.y * 4u * RB;
+    let rows = rows_of(wg.z, row0);
+    var t: Tile;
+    var b_at = (wg.z * p.panels + wg.x) * p.k * PW + lid.x * TN;
+    let k_blocks = p.k / WGX;
+    for (var kb = 0u; kb < k_blocks; kb++) {
+        let a_k = (kb * WGX + lid.x) * p.a_cs;
+        let a0 = a_col4(rows.r0, a_k);
+        var a1 = vec4<f32>(); var a2 = vec4<f32>(); var a3 = vec4<f32>();
+        if (RB > 1u) { a1 = a_col4(rows.r1, a_k); }
+        if (RB > 2u) { a2 = a_col4(rows.r2, a_k); }
+        if (RB > 3u) { a3 = a_col4(rows.r3, a_k); }
+        for (var l = 0u; l < WGX; l++) {
+            let b0 = bp_load4(b_at);
+            var b1 = vec4<f32>();
+            if (CB > 1u) { b1 = bp_load4(b_at + 4u); }
+            tile_step(&t, subgroupShuffle(a0, l), subgroupShuffle(a1, l), subgroupShuffle(a2, l), subgroupShuffle(a3, l), b0, b1);
+            b_at += PW;
+        }
+    }
+    for (var kk = k_blocks * WGX; kk < p.k; kk++) {
+        plain_step(&t, rows, kk * p.a_cs, b_at);
+        b_at += PW;
+    }
+    store_tile(t, row0, wg.x * PW + lid.x * TN, wg.z);
 }

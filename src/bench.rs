@@ -121,10 +121,57 @@ pub fn op_cases() -> Vec<BenchCase> {
             work: Work::Flops(2 * (m * n * k) as u64),
         });
     }
+    // conv2d 3x3 64->64 on [4,64,32,32], no bias: forward in every storage
+    // dtype, and forward + backward (data and weight gradients) in f32.
+    let (n, c, h, w) = (4usize, 64usize, 32usize, 32usize);
+    let conv_flops = 2 * (n * c * h * w * c * 9) as u64;
+    for (dtype, backward) in [
+        (DType::F32, false),
+        (DType::F32, true),
+        (DType::F16, false),
+        (DType::BF16, false),
+    ] {
+        cases.push(BenchCase {
+            name: "conv2d".into(),
+            shape: format!("3x3 {c}->{c} [{n},{c},{h},{w}]"),
+            dtype,
+            backward,
+            build: Box::new(move |g, dt| {
+                let x = g.input_with_grad("x", &[n, c, h, w], dt);
+                let wt = g.param("weight", &[c, c, 3, 3]);
+                g.conv2d(x, wt, None, 1, 1)
+            }),
+            // The data and weight gradients each cost one forward.
+            work: Work::Flops(if backward { 3 * conv_flops } else { conv_flops }),
+        });
+    }
+    // Self-attention, batch 4, 4 heads, sequence 256, head dim 16.
+    let (b, heads, seq, d) = (4usize, 4usize, 256usize, 16usize);
+    let attn_flops = 4 * (b * heads * seq * seq * d) as u64;
+    for backward in [false, true] {
+        cases.push(BenchCase {
+            name: "attention".into(),
+            shape: format!("B{b} H{heads} S{seq} D{d}"),
+            dtype: DType::F32,
+            backward,
+            build: Box::new(move |g, dt| {
+                let q = g.input_with_grad("q", &[b, seq, heads * d], dt);
+                let k = g.input_with_grad("k", &[b, seq, heads * d], dt);
+                let v = g.input_with_grad("v", &[b, seq, heads * d], dt);
+                g.attention(q, k, v, heads, false)
+            }),
+            // FlashAttention-2 counting: the backward recomputes the scores and
+            // does four more products, 2.5x the forward.
+            work: Work::Flops(if backward {
+                attn_flops * 7 / 2
+            } else {
+                attn_flops
+            }),
+        });
+    }
     // Group norm (32 groups) + SiLU, forward + backward: memory-bound, so GB/s
     // of the minimum traffic (forward reads x, writes y; backward reads x and
     // dy, writes dx).
-    let (n, c, h, w) = (4usize, 64usize, 32usize, 32usize);
     let numel = n * c * h * w;
     cases.push(BenchCase {
         name: "group_norm_silu".into(),

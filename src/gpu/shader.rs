@@ -10,6 +10,9 @@
 //! //@ const TM = 4u
 //! ```
 //!
+//! A `//@ helpers NAME` block holds functions several entries share (they may
+//! use those entries' tensors); an entry includes it with `//@ use NAME`.
+//!
 //! A pipeline is built from the shared part plus one section, behind a
 //! generated prelude: the section's consts (defaults from the header,
 //! overridden per pipeline), `var<uniform> p: Params` when the section
@@ -81,6 +84,8 @@ pub struct EntryInfo {
     pub tensors: Vec<(String, Access)>,
     pub consts: Vec<(String, String)>,
     pub has_params: bool,
+    /// Helper blocks (`//@ use NAME`) placed before the body.
+    pub uses: Vec<String>,
     /// Byte range of the section body in the file.
     body: std::ops::Range<usize>,
 }
@@ -93,6 +98,9 @@ pub struct ShaderFile {
     /// Byte length of the shared top part.
     common_len: usize,
     pub entries: Vec<EntryInfo>,
+    /// `//@ helpers NAME` blocks: code shared by the entries that `//@ use` it
+    /// (it may reference their tensors, unlike the shared top part).
+    helpers: Vec<(String, std::ops::Range<usize>)>,
 }
 
 fn shader_err(name: &str, msg: impl Into<String>) -> Error {
@@ -105,8 +113,11 @@ fn shader_err(name: &str, msg: impl Into<String>) -> Error {
 impl ShaderFile {
     pub fn parse(name: &str, source: &'static str) -> Result<ShaderFile> {
         let mut entries: Vec<EntryInfo> = Vec::new();
+        let mut helpers: Vec<(String, std::ops::Range<usize>)> = Vec::new();
         let mut common_len = source.len();
         let mut offset = 0;
+        // Which kind of section is open: an entry's body or a helper block's.
+        let mut in_helpers = false;
         for line in source.split_inclusive('\n') {
             let start = offset;
             offset += line.len();
@@ -116,23 +127,39 @@ impl ShaderFile {
             let rest = rest.trim();
             let (kw, args) = rest.split_once(' ').unwrap_or((rest, ""));
             match kw {
-                "entry" => {
-                    if entries.is_empty() {
-                        common_len = start;
+                "entry" | "helpers" => {
+                    common_len = common_len.min(start);
+                    if in_helpers {
+                        if let Some(h) = helpers.last_mut() {
+                            h.1.end = start;
+                        }
                     } else if let Some(prev) = entries.last_mut() {
                         prev.body.end = start;
                     }
-                    entries.push(EntryInfo {
-                        entry: args.trim().to_string(),
-                        tensors: Vec::new(),
-                        consts: Vec::new(),
-                        has_params: false,
-                        body: offset..source.len(),
-                    });
+                    in_helpers = kw == "helpers";
+                    if in_helpers {
+                        helpers.push((args.trim().to_string(), offset..source.len()));
+                    } else {
+                        entries.push(EntryInfo {
+                            entry: args.trim().to_string(),
+                            tensors: Vec::new(),
+                            consts: Vec::new(),
+                            has_params: false,
+                            uses: Vec::new(),
+                            body: offset..source.len(),
+                        });
+                    }
+                }
+                "use" => {
+                    let cur = entries
+                        .last_mut()
+                        .filter(|_| !in_helpers)
+                        .ok_or_else(|| shader_err(name, "'//@ use' outside an entry section"))?;
+                    cur.uses.push(args.trim().to_string());
                 }
                 "tensors" | "const" => {
-                    let cur = entries.last_mut().ok_or_else(|| {
-                        shader_err(name, format!("'//@ {kw}' before any '//@ entry'"))
+                    let cur = entries.last_mut().filter(|_| !in_helpers).ok_or_else(|| {
+                        shader_err(name, format!("'//@ {kw}' outside an entry section"))
                     })?;
                     if kw == "tensors" {
                         for t in args.split_whitespace() {
@@ -167,13 +194,25 @@ impl ShaderFile {
             }
         }
         for e in &mut entries {
-            e.has_params = source[e.body.clone()].contains("struct Params");
+            for u in &e.uses {
+                if !helpers.iter().any(|(n, _)| n == u) {
+                    return Err(shader_err(
+                        name,
+                        format!("{}: no '//@ helpers {u}' block", e.entry),
+                    ));
+                }
+            }
+            let used = helpers.iter().filter(|(n, _)| e.uses.contains(n));
+            e.has_params = std::iter::once(e.body.clone())
+                .chain(used.map(|(_, r)| r.clone()))
+                .any(|r| source[r].contains("struct Params"));
         }
         Ok(ShaderFile {
             name: name.to_string(),
             source,
             common_len,
             entries,
+            helpers,
         })
     }
 
@@ -240,6 +279,11 @@ impl ShaderFile {
             tensor_binding(&mut out, i as u32 + 1, name, *access, *storage);
         }
         out.push_str(&self.source[..self.common_len]);
+        for u in &info.uses {
+            if let Some((_, range)) = self.helpers.iter().find(|(n, _)| n == u) {
+                out.push_str(&self.source[range.clone()]);
+            }
+        }
         out.push_str(&self.source[info.body.clone()]);
         Ok(out)
     }

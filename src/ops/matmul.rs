@@ -74,8 +74,12 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
             .u32(total)
             .groups_1d(total / 4, 256),
     );
-    // 2. The register-tiled product.
-    let mut k = Kernel::new("matmul", "gemm")
+    // 2. The register-tiled product, sharing A through the subgroup where the
+    // subgroup is exactly one workgroup wide.
+    let sg = e.caps.subgroups
+        && e.caps.subgroup_min_size == wgx as u32
+        && e.caps.subgroup_max_size == wgx as u32;
+    let mut k = Kernel::new("matmul", if sg { "gemm_subgroup" } else { "gemm" })
         .konst("RB", format!("{rb}u"))
         .konst("CB", format!("{cb}u"))
         .konst("WGX", format!("{wgx}u"))
@@ -431,7 +435,7 @@ pub fn matmul_cpu(a: &[f64], b: &[f64], bias: Option<&[f64]>, s: MatmulShape) ->
 mod tests {
     use super::*;
     use crate::dtype::DType;
-    use crate::ops::testing::{check_op, check_op_all_dtypes, CaseInput};
+    use crate::ops::testing::{check_op, check_op_all_dtypes, check_op_portable, CaseInput};
 
     #[test]
     fn linear_odd_shapes_all_dtypes() {
@@ -500,6 +504,33 @@ mod tests {
         let (m, n, k) = (70, 37, 33);
         check_op_all_dtypes(
             "matmul_70x33x37",
+            &[CaseInput::act(&[m, k]), CaseInput::act(&[k, n])],
+            &|g, x| g.matmul(x[0], x[1], false, false),
+            &|x| {
+                matmul_cpu(
+                    &x[0],
+                    &x[1],
+                    None,
+                    MatmulShape {
+                        batch: 1,
+                        m,
+                        n,
+                        k,
+                        trans_a: false,
+                        trans_b: false,
+                        shared_b: true,
+                    },
+                )
+            },
+        );
+    }
+
+    #[test]
+    fn portable_kernel_without_subgroups() {
+        // K = 21 is not a multiple of the subgroup block, N = 13 not of the panel.
+        let (m, n, k) = (19, 13, 21);
+        check_op_portable(
+            "matmul_19x21x13",
             &[CaseInput::act(&[m, k]), CaseInput::act(&[k, n])],
             &|g, x| g.matmul(x[0], x[1], false, false),
             &|x| {

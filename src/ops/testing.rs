@@ -19,6 +19,17 @@ pub fn gpu() -> &'static Gpu {
     })
 }
 
+/// The shared device as an adapter without subgroups would see it, so tests
+/// cover the portable kernels wherever they run.
+pub fn gpu_without_subgroups() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let mut g = gpu().clone();
+        g.caps.subgroups = false;
+        g
+    })
+}
+
 /// Uniform values in [-1, 1) from a fixed seed.
 pub fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -106,6 +117,45 @@ pub fn check_op(
     dtype: DType,
     force_packed_f16: bool,
 ) -> CheckReport {
+    check_op_on(
+        gpu(),
+        name,
+        inputs,
+        build,
+        reference,
+        dtype,
+        force_packed_f16,
+    )
+}
+
+/// [`check_op`] in f32 on an adapter without subgroups (the portable kernels).
+pub fn check_op_portable(
+    name: &str,
+    inputs: &[CaseInput],
+    build: Build,
+    reference: Reference,
+) -> CheckReport {
+    let label = format!("{name} (no subgroups)");
+    check_op_on(
+        gpu_without_subgroups(),
+        &label,
+        inputs,
+        build,
+        reference,
+        DType::F32,
+        false,
+    )
+}
+
+fn check_op_on(
+    device: &Gpu,
+    name: &str,
+    inputs: &[CaseInput],
+    build: Build,
+    reference: Reference,
+    dtype: DType,
+    force_packed_f16: bool,
+) -> CheckReport {
     let (fwd_tol, grad_tol) = tolerance(dtype);
     let label = format!(
         "{name} [{dtype}{}]",
@@ -158,7 +208,7 @@ pub fn check_op(
         force_packed_f16,
         ..Default::default()
     };
-    let mut s = Session::new(gpu(), Arc::new(g), spec).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let mut s = Session::new(device, Arc::new(g), spec).unwrap_or_else(|e| panic!("{label}: {e}"));
     for (id, v) in ids.iter().zip(&values) {
         s.write(*id, v).unwrap();
     }
