@@ -37,7 +37,7 @@ fn pack_b(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
 }
 
 //@ helpers gemm_tiles
-// Each invocation owns RB x CB blocks of 4 x 4 (TM = 4 RB rows, RB <= 4;
+// Each invocation owns RB x CB blocks of 4 x 4 (TM = 4 RB rows, RB <= 8;
 // TN = 4 CB columns, CB <= 2), each a mat4x4 whose column i is row i of the
 // block. The blocks are named variables, not an array: compilers keep them
 // in registers (an indexed array spills to scratch memory on llvmpipe).
@@ -85,47 +85,71 @@ fn store_block(acc: mat4x4<f32>, row0: u32, col0: u32, c_base: u32) {
     }
 }
 
-// The register tile of one invocation and the k steps that update it.
+// The register tile of one invocation: c<r><c> is row block r, column block c.
 struct Tile {
-    c00: mat4x4<f32>, c01: mat4x4<f32>, c10: mat4x4<f32>, c11: mat4x4<f32>,
-    c20: mat4x4<f32>, c21: mat4x4<f32>, c30: mat4x4<f32>, c31: mat4x4<f32>,
+    c00: mat4x4<f32>, c01: mat4x4<f32>,
+    c10: mat4x4<f32>, c11: mat4x4<f32>,
+    c20: mat4x4<f32>, c21: mat4x4<f32>,
+    c30: mat4x4<f32>, c31: mat4x4<f32>,
+    c40: mat4x4<f32>, c41: mat4x4<f32>,
+    c50: mat4x4<f32>, c51: mat4x4<f32>,
+    c60: mat4x4<f32>, c61: mat4x4<f32>,
+    c70: mat4x4<f32>, c71: mat4x4<f32>,
 }
 
-// One k step: A's column for the tile's rows (a0..a3, 4 rows each) times
-// B's row for its columns (b0, b1).
-fn tile_step(t: ptr<function, Tile>, a0: vec4<f32>, a1: vec4<f32>, a2: vec4<f32>, a3: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>) {
-    (*t).c00 = outer_fma((*t).c00, a0, b0);
-    if (CB > 1u) { (*t).c01 = outer_fma((*t).c01, a0, b1); }
-    if (RB > 1u) { (*t).c10 = outer_fma((*t).c10, a1, b0); if (CB > 1u) { (*t).c11 = outer_fma((*t).c11, a1, b1); } }
-    if (RB > 2u) { (*t).c20 = outer_fma((*t).c20, a2, b0); if (CB > 1u) { (*t).c21 = outer_fma((*t).c21, a2, b1); } }
-    if (RB > 3u) { (*t).c30 = outer_fma((*t).c30, a3, b0); if (CB > 1u) { (*t).c31 = outer_fma((*t).c31, a3, b1); } }
+// A's column for the tile's rows, four rows per vector.
+struct ACol { a0: vec4<f32>, a1: vec4<f32>, a2: vec4<f32>, a3: vec4<f32>, a4: vec4<f32>, a5: vec4<f32>, a6: vec4<f32>, a7: vec4<f32> }
+
+// Row offsets of the tile's rows in A, four per vector.
+struct Rows { r0: vec4<u32>, r1: vec4<u32>, r2: vec4<u32>, r3: vec4<u32>, r4: vec4<u32>, r5: vec4<u32>, r6: vec4<u32>, r7: vec4<u32> }
+
+fn rows_of(z: u32, row0: u32) -> Rows {
+    return Rows(row_offsets(z, row0 + 0u), row_offsets(z, row0 + 4u), row_offsets(z, row0 + 8u), row_offsets(z, row0 + 12u), row_offsets(z, row0 + 16u), row_offsets(z, row0 + 20u), row_offsets(z, row0 + 24u), row_offsets(z, row0 + 28u));
 }
 
-struct Rows { r0: vec4<u32>, r1: vec4<u32>, r2: vec4<u32>, r3: vec4<u32> }
+// A's column k (offset a_k) for every row block in use.
+fn a_column(rows: Rows, a_k: u32) -> ACol {
+    var a: ACol;
+    a.a0 = a_col4(rows.r0, a_k);
+    if (RB > 1u) { a.a1 = a_col4(rows.r1, a_k); }
+    if (RB > 2u) { a.a2 = a_col4(rows.r2, a_k); }
+    if (RB > 3u) { a.a3 = a_col4(rows.r3, a_k); }
+    if (RB > 4u) { a.a4 = a_col4(rows.r4, a_k); }
+    if (RB > 5u) { a.a5 = a_col4(rows.r5, a_k); }
+    if (RB > 6u) { a.a6 = a_col4(rows.r6, a_k); }
+    if (RB > 7u) { a.a7 = a_col4(rows.r7, a_k); }
+    return a;
+}
 
-// A plain k step at column offset a_k of A and b_at of the packed panel.
-fn plain_step(t: ptr<function, Tile>, rows: Rows, a_k: u32, b_at: u32) {
-    let b0 = bp_load4(b_at);
-    var b1 = vec4<f32>();
-    if (CB > 1u) { b1 = bp_load4(b_at + 4u); }
-    var a1 = vec4<f32>(); var a2 = vec4<f32>(); var a3 = vec4<f32>();
-    if (RB > 1u) { a1 = a_col4(rows.r1, a_k); }
-    if (RB > 2u) { a2 = a_col4(rows.r2, a_k); }
-    if (RB > 3u) { a3 = a_col4(rows.r3, a_k); }
-    tile_step(t, a_col4(rows.r0, a_k), a1, a2, a3, b0, b1);
+// One k step: the tile gains A's column times B's row (b0, b1).
+fn tile_step(t: ptr<function, Tile>, a: ACol, b0: vec4<f32>, b1: vec4<f32>) {
+    { (*t).c00 = outer_fma((*t).c00, a.a0, b0); if (CB > 1u) { (*t).c01 = outer_fma((*t).c01, a.a0, b1); } }
+    if (RB > 1u) { (*t).c10 = outer_fma((*t).c10, a.a1, b0); if (CB > 1u) { (*t).c11 = outer_fma((*t).c11, a.a1, b1); } }
+    if (RB > 2u) { (*t).c20 = outer_fma((*t).c20, a.a2, b0); if (CB > 1u) { (*t).c21 = outer_fma((*t).c21, a.a2, b1); } }
+    if (RB > 3u) { (*t).c30 = outer_fma((*t).c30, a.a3, b0); if (CB > 1u) { (*t).c31 = outer_fma((*t).c31, a.a3, b1); } }
+    if (RB > 4u) { (*t).c40 = outer_fma((*t).c40, a.a4, b0); if (CB > 1u) { (*t).c41 = outer_fma((*t).c41, a.a4, b1); } }
+    if (RB > 5u) { (*t).c50 = outer_fma((*t).c50, a.a5, b0); if (CB > 1u) { (*t).c51 = outer_fma((*t).c51, a.a5, b1); } }
+    if (RB > 6u) { (*t).c60 = outer_fma((*t).c60, a.a6, b0); if (CB > 1u) { (*t).c61 = outer_fma((*t).c61, a.a6, b1); } }
+    if (RB > 7u) { (*t).c70 = outer_fma((*t).c70, a.a7, b0); if (CB > 1u) { (*t).c71 = outer_fma((*t).c71, a.a7, b1); } }
+}
+
+// B's row at b_at of the packed panel: 4 CB columns.
+fn b_row(b_at: u32) -> array<vec4<f32>, 2> {
+    var b = array<vec4<f32>, 2>(bp_load4(b_at), vec4<f32>());
+    if (CB > 1u) { b[1] = bp_load4(b_at + 4u); }
+    return b;
 }
 
 fn store_tile(t: Tile, row0: u32, col0: u32, z: u32) {
     let cb = z * p.m * p.n;
-    store_block(t.c00, row0, col0, cb);
-    if (CB > 1u) { store_block(t.c01, row0, col0 + 4u, cb); }
+    { store_block(t.c00, row0 + 0u, col0, cb); if (CB > 1u) { store_block(t.c01, row0 + 0u, col0 + 4u, cb); } }
     if (RB > 1u) { store_block(t.c10, row0 + 4u, col0, cb); if (CB > 1u) { store_block(t.c11, row0 + 4u, col0 + 4u, cb); } }
     if (RB > 2u) { store_block(t.c20, row0 + 8u, col0, cb); if (CB > 1u) { store_block(t.c21, row0 + 8u, col0 + 4u, cb); } }
     if (RB > 3u) { store_block(t.c30, row0 + 12u, col0, cb); if (CB > 1u) { store_block(t.c31, row0 + 12u, col0 + 4u, cb); } }
-}
-
-fn rows_of(z: u32, row0: u32) -> Rows {
-    return Rows(row_offsets(z, row0), row_offsets(z, row0 + 4u), row_offsets(z, row0 + 8u), row_offsets(z, row0 + 12u));
+    if (RB > 4u) { store_block(t.c40, row0 + 16u, col0, cb); if (CB > 1u) { store_block(t.c41, row0 + 16u, col0 + 4u, cb); } }
+    if (RB > 5u) { store_block(t.c50, row0 + 20u, col0, cb); if (CB > 1u) { store_block(t.c51, row0 + 20u, col0 + 4u, cb); } }
+    if (RB > 6u) { store_block(t.c60, row0 + 24u, col0, cb); if (CB > 1u) { store_block(t.c61, row0 + 24u, col0 + 4u, cb); } }
+    if (RB > 7u) { store_block(t.c70, row0 + 28u, col0, cb); if (CB > 1u) { store_block(t.c71, row0 + 28u, col0 + 4u, cb); } }
 }
 
 //@ entry gemm
@@ -145,7 +169,8 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     var t: Tile;
     var b_at = (wg.z * p.panels + wg.x) * p.k * PW + lid.x * TN;
     for (var kk = 0u; kk < p.k; kk++) {
-        plain_step(&t, rows, kk * p.a_cs, b_at);
+        let b = b_row(b_at);
+        tile_step(&t, a_column(rows, kk * p.a_cs), b[0], b[1]);
         b_at += PW;
     }
     store_tile(t, row0, wg.x * PW + lid.x * TN, wg.z);
@@ -170,22 +195,25 @@ fn gemm_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     var b_at = (wg.z * p.panels + wg.x) * p.k * PW + lid.x * TN;
     let k_blocks = p.k / WGX;
     for (var kb = 0u; kb < k_blocks; kb++) {
-        let a_k = (kb * WGX + lid.x) * p.a_cs;
-        let a0 = a_col4(rows.r0, a_k);
-        var a1 = vec4<f32>(); var a2 = vec4<f32>(); var a3 = vec4<f32>();
-        if (RB > 1u) { a1 = a_col4(rows.r1, a_k); }
-        if (RB > 2u) { a2 = a_col4(rows.r2, a_k); }
-        if (RB > 3u) { a3 = a_col4(rows.r3, a_k); }
+        let mine = a_column(rows, (kb * WGX + lid.x) * p.a_cs);
         for (var l = 0u; l < WGX; l++) {
-            let b0 = bp_load4(b_at);
-            var b1 = vec4<f32>();
-            if (CB > 1u) { b1 = bp_load4(b_at + 4u); }
-            tile_step(&t, subgroupShuffle(a0, l), subgroupShuffle(a1, l), subgroupShuffle(a2, l), subgroupShuffle(a3, l), b0, b1);
+            var a: ACol;
+            a.a0 = subgroupShuffle(mine.a0, l);
+            if (RB > 1u) { a.a1 = subgroupShuffle(mine.a1, l); }
+            if (RB > 2u) { a.a2 = subgroupShuffle(mine.a2, l); }
+            if (RB > 3u) { a.a3 = subgroupShuffle(mine.a3, l); }
+            if (RB > 4u) { a.a4 = subgroupShuffle(mine.a4, l); }
+            if (RB > 5u) { a.a5 = subgroupShuffle(mine.a5, l); }
+            if (RB > 6u) { a.a6 = subgroupShuffle(mine.a6, l); }
+            if (RB > 7u) { a.a7 = subgroupShuffle(mine.a7, l); }
+            let b = b_row(b_at);
+            tile_step(&t, a, b[0], b[1]);
             b_at += PW;
         }
     }
     for (var kk = k_blocks * WGX; kk < p.k; kk++) {
-        plain_step(&t, rows, kk * p.a_cs, b_at);
+        let b = b_row(b_at);
+        tile_step(&t, a_column(rows, kk * p.a_cs), b[0], b[1]);
         b_at += PW;
     }
     store_tile(t, row0, wg.x * PW + lid.x * TN, wg.z);

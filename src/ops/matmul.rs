@@ -46,7 +46,7 @@ struct Gemm {
 /// big register tiles; GPUs want wide workgroups for coalesced B reads.
 fn tile(e: &Emit) -> (usize, usize, usize) {
     if e.caps.is_cpu {
-        (4, 2, 8)
+        (8, 2, 8)
     } else {
         (2, 1, 64)
     }
