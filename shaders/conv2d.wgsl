@@ -301,94 +301,31 @@ fn conv2d_forward_sg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     store4x4(a3, live, n, co0 + 12u, oy, ox0);
 }
 
-//@ entry conv2d_grad_input
-//@ tensors dy:read w:read dx:rw
+//@ entry conv2d_dilate
+//@ tensors dy:read dyd:write
 //@ const KH = 3u
 //@ const KW = 3u
 //@ const SH = 1u
 //@ const SW = 1u
-//@ const TCI = 8u
-//@ const TY = 2u
-//@ const WG = 8u
-// The transposed convolution for stride > 1 (stride 1 runs conv2d_forward
-// with FLIP on dy instead). One invocation: input channels ci0 .. ci0+TCI
-// (workgroup z), rows iy0 .. iy0+TY and 4 columns ix = phase + SW*(4q + t),
-// t < 4, that share ix mod SW, so a tap kx either hits a dy pixel for all 4
-// columns (at consecutive ox) or for none. Column tiles are ordered by phase
-// so neighbouring invocations take the same taps.
-struct Params {
-    n: u32, ci: u32, h: u32, w: u32,
-    co: u32, oh: u32, ow: u32, ph: u32, pw: u32,
-    tiles_x: u32, tiles_y: u32, tiles_per_phase: u32,
-    beta: f32,
-}
+// The data gradient of a strided conv is the stride-1 data gradient of dy
+// spread onto the stride-1 grid: dyd[plane, y, x] = dy[plane, y / SH, x / SW]
+// where SH divides y and SW divides x, zero elsewhere (rows and columns past
+// the last dy one included).
+struct Params { total: u32, oh: u32, ow: u32, hd: u32, wd: u32 }
+const DILATE_WG: u32 = 64u;
 
-@compute @workgroup_size(WG)
-fn conv2d_grad_input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                     @builtin(workgroup_id) wg: vec3<u32>) {
-    let t = flat_id(gid, nwg, WG);
-    // Invocations past the end compute on clamped coordinates and store
-    // nothing (no early return: the loops stay uniform).
-    let live = t / (p.tiles_x * p.tiles_y) < p.n;
-    let n = min(t / (p.tiles_x * p.tiles_y), p.n - 1u);
-    let tx = t % p.tiles_x;
-    let phase = tx / p.tiles_per_phase;
-    let q = tx % p.tiles_per_phase;
-    let iy0 = ((t / p.tiles_x) % p.tiles_y) * TY;
-    let ci0 = wg.z * TCI;
-    let khw = KH * KW;
-    var w_off: array<u32, TCI>;
-    for (var c = 0u; c < TCI; c++) { w_off[c] = min(ci0 + c, p.ci - 1u) * khw; }
-    var acc: array<vec4<f32>, TCI * TY>;
-    // ox of column t for tap kx is (phase + pw - kx) / SW + 4q + t when SW divides it.
-    let base_x = i32(phase + p.pw);
-    for (var co = 0u; co < p.co; co++) {
-        let dy_img = (n * p.co + co) * p.oh;
-        let w_co = co * p.ci * khw;
-        for (var ky = 0u; ky < KH; ky++) {
-            var wv: array<array<f32, KW>, TCI>;
-            for (var c = 0u; c < TCI; c++) {
-                for (var kx = 0u; kx < KW; kx++) { wv[c][kx] = w_load(w_co + w_off[c] + ky * KW + kx); }
-            }
-            for (var r = 0u; r < TY; r++) {
-                let num_y = i32(iy0 + r + p.ph) - i32(ky);
-                let oy = num_y / i32(SH);
-                let row_ok = num_y >= 0 && num_y % i32(SH) == 0 && oy < i32(p.oh);
-                let row = (dy_img + u32(clamp(oy, 0, i32(p.oh) - 1))) * p.ow;
-                for (var kx = 0u; kx < KW; kx++) {
-                    let num_x = base_x - i32(kx);
-                    if (num_x % i32(SW) != 0) { continue; }
-                    let lo = num_x / i32(SW) + i32(4u * q);
-                    var dv: vec4<f32>;
-                    for (var j = 0u; j < 4u; j++) {
-                        let ox = lo + i32(j);
-                        dv[j] = select(0.0, dy_load(pix(row, ox, p.ow)), row_ok && inside(ox, p.ow));
-                    }
-                    for (var c = 0u; c < TCI; c++) {
-                        acc[r * TCI + c] = fma(vec4<f32>(wv[c][kx]), dv, acc[r * TCI + c]);
-                    }
-                }
-            }
-        }
-    }
-    for (var r = 0u; r < TY; r++) {
-        let iy = iy0 + r;
-        for (var c = 0u; c < TCI; c++) {
-            let ci = ci0 + c;
-            if (live && iy < p.h && ci < p.ci) {
-                let row = ((n * p.ci + ci) * p.h + iy) * p.w;
-                let v = acc[r * TCI + c];
-                for (var j = 0u; j < 4u; j++) {
-                    let ix = phase + SW * (4u * q + j);
-                    if (ix < p.w) {
-                        var o = v[j];
-                        if (p.beta != 0.0) { o += dx_load(row + ix); }
-                        dx_store(row + ix, o);
-                    }
-                }
-            }
-        }
-    }
+@compute @workgroup_size(DILATE_WG)
+fn conv2d_dilate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_id(gid, nwg, DILATE_WG);
+    if (i >= p.total) { return; }
+    let x = i % p.wd;
+    let y = (i / p.wd) % p.hd;
+    let plane = i / (p.wd * p.hd);
+    let oy = y / SH;
+    let ox = x / SW;
+    let hit = y % SH == 0u && x % SW == 0u && oy < p.oh && ox < p.ow;
+    let src = (plane * p.oh + min(oy, p.oh - 1u)) * p.ow + min(ox, p.ow - 1u);
+    dyd_store(i, select(0.0, dy_load(src), hit));
 }
 
 //@ entry conv2d_grad_weight

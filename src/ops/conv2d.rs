@@ -104,6 +104,9 @@ fn size_kernel(entry: &'static str, d: &Geom, stride: [usize; 2], pad: [i64; 2])
         .u32(pad[1] as i32 as u32 as usize)
 }
 
+/// Workgroup size of `conv2d_dilate`.
+const DILATE_WG: u32 = 64;
+
 /// One run of the forward kernel: y = beta*y + conv(x, w) (+ bias).
 struct ConvLaunch {
     d: Geom,
@@ -191,36 +194,56 @@ fn emit_conv(e: &mut Emit, l: ConvLaunch) {
 }
 
 impl Conv2d {
-    /// dx of a strided conv: the transposed-convolution kernel.
-    fn emit_strided_grad_input(
-        &self,
-        e: &mut Emit,
-        d: &Geom,
-        dy: Slot,
-        w: Slot,
-        dx: Slot,
-        beta: f32,
-    ) {
-        let (tc, ty, wg) = tile(e);
-        // Column tiles per phase (ix mod SW), each of 4 columns SW apart.
-        let sw = self.stride[1];
-        let per_phase = d.w.div_ceil(sw).div_ceil(4);
-        let (tiles_x, tiles_y) = (sw * per_phase, d.h.div_ceil(ty));
-        let mut k = self
-            .kernel("conv2d_grad_input", d)
-            .konst("TCI", format!("{tc}u"))
-            .konst("TY", format!("{ty}u"))
-            .konst("WG", format!("{wg}u"))
-            .bind("dy", dy)
-            .bind("w", w)
-            .bind("dx", dx)
-            .u32(tiles_x)
-            .u32(tiles_y)
-            .u32(per_phase)
-            .f32(beta)
-            .groups_1d(d.n * tiles_x * tiles_y, wg);
-        k.workgroups[2] = d.ci.div_ceil(tc) as u32;
-        e.push(k);
+    /// dx = beta*dx + the data gradient: conv(dy, w transposed and flipped)
+    /// at stride 1 with padding K-1-p. A strided conv's dy is first spread
+    /// onto the stride-1 grid (`conv2d_dilate`, zeros between), of height
+    /// H + 2p - K + 1 so that the stride-1 output is exactly H.
+    fn emit_grad_input(&self, e: &mut Emit, d: &Geom, dy: Slot, w: Slot, dx: Slot, beta: f32) {
+        let [ph, pw] = self.padding;
+        let (hd, wd) = (d.h + 2 * ph + 1 - d.kh, d.w + 2 * pw + 1 - d.kw);
+        let src = if self.stride == [1, 1] {
+            dy
+        } else {
+            let total = d.n * d.co * hd * wd;
+            let dyd = e.temp("dy_dilated", total, DType::F32);
+            e.push(
+                Kernel::new("conv2d", "conv2d_dilate")
+                    .konst("SH", format!("{}u", self.stride[0]))
+                    .konst("SW", format!("{}u", self.stride[1]))
+                    .bind("dy", dy)
+                    .bind("dyd", dyd)
+                    .u32(total)
+                    .u32(d.oh)
+                    .u32(d.ow)
+                    .u32(hd)
+                    .u32(wd)
+                    .groups_1d(total, DILATE_WG),
+            );
+            dyd
+        };
+        let t = Geom {
+            ci: d.co,
+            h: hd,
+            w: wd,
+            co: d.ci,
+            oh: d.h,
+            ow: d.w,
+            ..*d
+        };
+        emit_conv(
+            e,
+            ConvLaunch {
+                d: t,
+                stride: [1, 1],
+                pad: [d.kh as i64 - 1 - ph as i64, d.kw as i64 - 1 - pw as i64],
+                x: src,
+                w,
+                bias: None,
+                y: dx,
+                flip: true,
+                beta,
+            },
+        );
     }
 }
 
@@ -364,38 +387,7 @@ impl OpKernels for Conv2d {
         };
         let d = self.geom_of(e.graph, i)?;
         if let Some(dx) = e.grad_in(0) {
-            if self.stride == [1, 1] {
-                // dx = conv(dy, w transposed and flipped), padding K-1-p.
-                let pad = [
-                    d.kh as i64 - 1 - self.padding[0] as i64,
-                    d.kw as i64 - 1 - self.padding[1] as i64,
-                ];
-                let t = Geom {
-                    ci: d.co,
-                    h: d.oh,
-                    w: d.ow,
-                    co: d.ci,
-                    oh: d.h,
-                    ow: d.w,
-                    ..d
-                };
-                emit_conv(
-                    e,
-                    ConvLaunch {
-                        d: t,
-                        stride: [1, 1],
-                        pad,
-                        x: dy,
-                        w: Slot::Value(i[1]),
-                        bias: None,
-                        y: dx.slot,
-                        flip: true,
-                        beta: dx.beta(),
-                    },
-                );
-            } else {
-                self.emit_strided_grad_input(e, &d, dy, Slot::Value(i[1]), dx.slot, dx.beta());
-            }
+            self.emit_grad_input(e, &d, dy, Slot::Value(i[1]), dx.slot, dx.beta());
         }
         if let Some(dw) = e.grad_in(1) {
             self.emit_grad_weight(e, &d, Slot::Value(i[0]), dy, dw.slot, dw.beta())?;
