@@ -40,6 +40,66 @@ fn window4(win: array<f32, WIN>, kx: u32) -> vec4<f32> {
     return vec4<f32>(win[kx], win[SW + kx], win[2u * SW + kx], win[3u * SW + kx]);
 }
 
+// Weight gradient: taps per launch along a kernel row, and the x window
+// under 4 output columns.
+const KXS: u32 = min(KW, 3u);
+const XWIN: u32 = 3u * SW + KXS;
+
+// The weight gradient's register tile: a<q><k> holds output channels
+// 4q .. 4q+4 (columns) at tap kx0 + k, per ox mod 4 (rows, summed at the
+// end). Named matrices stay in registers; arrays indexed in loops spill.
+struct DwAcc {
+    a00: mat4x4<f32>, a01: mat4x4<f32>, a02: mat4x4<f32>,
+    a10: mat4x4<f32>, a11: mat4x4<f32>, a12: mat4x4<f32>,
+    a20: mat4x4<f32>, a21: mat4x4<f32>, a22: mat4x4<f32>,
+    a30: mat4x4<f32>, a31: mat4x4<f32>, a32: mat4x4<f32>,
+}
+
+// The 4 window pixels SW apart under tap kx0 + kx (clamped index: taps past
+// KXS are compiled out, but their indices must stay in range).
+fn xwin4(win: array<f32, XWIN>, kx: u32) -> vec4<f32> {
+    let i = vec4<u32>(kx) + vec4<u32>(0u, SW, 2u * SW, 3u * SW);
+    return vec4<f32>(win[min(i.x, XWIN - 1u)], win[min(i.y, XWIN - 1u)], win[min(i.z, XWIN - 1u)], win[min(i.w, XWIN - 1u)]);
+}
+
+// a + d * diag(x) column by column: channel c gains dy_c * x per pixel.
+fn col_fma(a: mat4x4<f32>, d: mat4x4<f32>, x: vec4<f32>) -> mat4x4<f32> {
+    return mat4x4<f32>(fma(d[0], x, a[0]), fma(d[1], x, a[1]), fma(d[2], x, a[2]), fma(d[3], x, a[3]));
+}
+
+// One step of 4 output columns: dy of the 16 channels (d0 .. d3, column =
+// channel) times the x window of each tap.
+fn dw_step(a: DwAcc, d0: mat4x4<f32>, d1: mat4x4<f32>, d2: mat4x4<f32>, d3: mat4x4<f32>,
+           win: array<f32, XWIN>) -> DwAcc {
+    var r = a;
+    let x0 = xwin4(win, 0u);
+    r.a00 = col_fma(r.a00, d0, x0); r.a10 = col_fma(r.a10, d1, x0);
+    r.a20 = col_fma(r.a20, d2, x0); r.a30 = col_fma(r.a30, d3, x0);
+    if (KXS > 1u) {
+        let x1 = xwin4(win, 1u);
+        r.a01 = col_fma(r.a01, d0, x1); r.a11 = col_fma(r.a11, d1, x1);
+        r.a21 = col_fma(r.a21, d2, x1); r.a31 = col_fma(r.a31, d3, x1);
+    }
+    if (KXS > 2u) {
+        let x2 = xwin4(win, 2u);
+        r.a02 = col_fma(r.a02, d0, x2); r.a12 = col_fma(r.a12, d1, x2);
+        r.a22 = col_fma(r.a22, d2, x2); r.a32 = col_fma(r.a32, d3, x2);
+    }
+    return r;
+}
+
+// The sums over ox mod 4 of a<q><k> (q, k constant after unrolling).
+fn dw_sums(a: DwAcc, q: u32, k: u32) -> vec4<f32> {
+    var m: mat4x4<f32>;
+    switch (q * 3u + k) {
+        case 0u: { m = a.a00; } case 1u: { m = a.a01; } case 2u: { m = a.a02; }
+        case 3u: { m = a.a10; } case 4u: { m = a.a11; } case 5u: { m = a.a12; }
+        case 6u: { m = a.a20; } case 7u: { m = a.a21; } case 8u: { m = a.a22; }
+        case 9u: { m = a.a30; } case 10u: { m = a.a31; } default: { m = a.a32; }
+    }
+    return vec4<f32>(1.0) * m;
+}
+
 //@ entry conv2d_forward
 //@ tensors x:read w:read bias:read y:rw
 //@ const KH = 3u
@@ -241,94 +301,31 @@ fn conv2d_forward_sg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     store4x4(a3, live, n, co0 + 12u, oy, ox0);
 }
 
-//@ entry conv2d_grad_input
-//@ tensors dy:read w:read dx:rw
+//@ entry conv2d_dilate
+//@ tensors dy:read dyd:write
 //@ const KH = 3u
 //@ const KW = 3u
 //@ const SH = 1u
 //@ const SW = 1u
-//@ const TCI = 8u
-//@ const TY = 2u
-//@ const WG = 8u
-// The transposed convolution for stride > 1 (stride 1 runs conv2d_forward
-// with FLIP on dy instead). One invocation: input channels ci0 .. ci0+TCI
-// (workgroup z), rows iy0 .. iy0+TY and 4 columns ix = phase + SW*(4q + t),
-// t < 4, that share ix mod SW, so a tap kx either hits a dy pixel for all 4
-// columns (at consecutive ox) or for none. Column tiles are ordered by phase
-// so neighbouring invocations take the same taps.
-struct Params {
-    n: u32, ci: u32, h: u32, w: u32,
-    co: u32, oh: u32, ow: u32, ph: u32, pw: u32,
-    tiles_x: u32, tiles_y: u32, tiles_per_phase: u32,
-    beta: f32,
-}
+// The data gradient of a strided conv is the stride-1 data gradient of dy
+// spread onto the stride-1 grid: dyd[plane, y, x] = dy[plane, y / SH, x / SW]
+// where SH divides y and SW divides x, zero elsewhere (rows and columns past
+// the last dy one included).
+struct Params { total: u32, oh: u32, ow: u32, hd: u32, wd: u32 }
+const DILATE_WG: u32 = 64u;
 
-@compute @workgroup_size(WG)
-fn conv2d_grad_input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                     @builtin(workgroup_id) wg: vec3<u32>) {
-    let t = flat_id(gid, nwg, WG);
-    // Invocations past the end compute on clamped coordinates and store
-    // nothing (no early return: the loops stay uniform).
-    let live = t / (p.tiles_x * p.tiles_y) < p.n;
-    let n = min(t / (p.tiles_x * p.tiles_y), p.n - 1u);
-    let tx = t % p.tiles_x;
-    let phase = tx / p.tiles_per_phase;
-    let q = tx % p.tiles_per_phase;
-    let iy0 = ((t / p.tiles_x) % p.tiles_y) * TY;
-    let ci0 = wg.z * TCI;
-    let khw = KH * KW;
-    var w_off: array<u32, TCI>;
-    for (var c = 0u; c < TCI; c++) { w_off[c] = min(ci0 + c, p.ci - 1u) * khw; }
-    var acc: array<vec4<f32>, TCI * TY>;
-    // ox of column t for tap kx is (phase + pw - kx) / SW + 4q + t when SW divides it.
-    let base_x = i32(phase + p.pw);
-    for (var co = 0u; co < p.co; co++) {
-        let dy_img = (n * p.co + co) * p.oh;
-        let w_co = co * p.ci * khw;
-        for (var ky = 0u; ky < KH; ky++) {
-            var wv: array<array<f32, KW>, TCI>;
-            for (var c = 0u; c < TCI; c++) {
-                for (var kx = 0u; kx < KW; kx++) { wv[c][kx] = w_load(w_co + w_off[c] + ky * KW + kx); }
-            }
-            for (var r = 0u; r < TY; r++) {
-                let num_y = i32(iy0 + r + p.ph) - i32(ky);
-                let oy = num_y / i32(SH);
-                let row_ok = num_y >= 0 && num_y % i32(SH) == 0 && oy < i32(p.oh);
-                let row = (dy_img + u32(clamp(oy, 0, i32(p.oh) - 1))) * p.ow;
-                for (var kx = 0u; kx < KW; kx++) {
-                    let num_x = base_x - i32(kx);
-                    if (num_x % i32(SW) != 0) { continue; }
-                    let lo = num_x / i32(SW) + i32(4u * q);
-                    var dv: vec4<f32>;
-                    for (var j = 0u; j < 4u; j++) {
-                        let ox = lo + i32(j);
-                        dv[j] = select(0.0, dy_load(pix(row, ox, p.ow)), row_ok && inside(ox, p.ow));
-                    }
-                    for (var c = 0u; c < TCI; c++) {
-                        acc[r * TCI + c] = fma(vec4<f32>(wv[c][kx]), dv, acc[r * TCI + c]);
-                    }
-                }
-            }
-        }
-    }
-    for (var r = 0u; r < TY; r++) {
-        let iy = iy0 + r;
-        for (var c = 0u; c < TCI; c++) {
-            let ci = ci0 + c;
-            if (live && iy < p.h && ci < p.ci) {
-                let row = ((n * p.ci + ci) * p.h + iy) * p.w;
-                let v = acc[r * TCI + c];
-                for (var j = 0u; j < 4u; j++) {
-                    let ix = phase + SW * (4u * q + j);
-                    if (ix < p.w) {
-                        var o = v[j];
-                        if (p.beta != 0.0) { o += dx_load(row + ix); }
-                        dx_store(row + ix, o);
-                    }
-                }
-            }
-        }
-    }
+@compute @workgroup_size(DILATE_WG)
+fn conv2d_dilate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_id(gid, nwg, DILATE_WG);
+    if (i >= p.total) { return; }
+    let x = i % p.wd;
+    let y = (i / p.wd) % p.hd;
+    let plane = i / (p.wd * p.hd);
+    let oy = y / SH;
+    let ox = x / SW;
+    let hit = y % SH == 0u && x % SW == 0u && oy < p.oh && ox < p.ow;
+    let src = (plane * p.oh + min(oy, p.oh - 1u)) * p.ow + min(ox, p.ow - 1u);
+    dyd_store(i, select(0.0, dy_load(src), hit));
 }
 
 //@ entry conv2d_grad_weight
@@ -337,70 +334,213 @@ fn conv2d_grad_input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
 //@ const KW = 3u
 //@ const SH = 1u
 //@ const SW = 1u
-//@ const TCO = 8u
 //@ const WG = 8u
 // A GEMM of dy [Co x (N*OH*OW)] with the implicit im2col of x. One
 // invocation: input channel ci (the invocation index) x output channels
-// co0 .. co0+TCO (workgroup y) x every tap, summed over n, oy and ox in
-// chunks of 4 (one vec4 accumulator lane per ox mod 4, added at the end).
+// co0 .. co0+16 (workgroup y) x taps (ky, kx0 .. kx0+3) of one kernel row,
+// summed over the output rows of one chunk, 4 columns at a time (DwAcc).
+// Workgroup z enumerates (ky, kx0 / 3, chunk). dy addresses are the same for
+// the whole workgroup (one load serves every input channel on a GPU). Chunk
+// z writes dw[chunk * p.chunk_stride + i] = beta * dw + partial; with several
+// chunks dw is a scratch buffer summed in chunk order afterwards.
 struct Params {
     n: u32, ci: u32, h: u32, w: u32,
     co: u32, oh: u32, ow: u32, ph: u32, pw: u32,
+    chunks: u32, rows_per_chunk: u32, chunk_stride: u32,
     beta: f32,
+}
+
+// dy of one channel row at columns ox0 .. ox0+4 (zero past the edge;
+// ox0 < OW). No branch: llvmpipe runs both sides of every `if`.
+fn dy4(row: u32, ox0: u32) -> vec4<f32> {
+    let last = row + p.ow - 1u;
+    return vec4<f32>(dy_load(min(row + ox0, last)),
+                     select(0.0, dy_load(min(row + ox0 + 1u, last)), ox0 + 1u < p.ow),
+                     select(0.0, dy_load(min(row + ox0 + 2u, last)), ox0 + 2u < p.ow),
+                     select(0.0, dy_load(min(row + ox0 + 3u, last)), ox0 + 3u < p.ow));
+}
+
+// Chunk z of the output rows r = n * OH + oy: (first row, end).
+fn chunk_rows(chunk: u32) -> vec2<u32> {
+    let r = chunk * p.rows_per_chunk;
+    return vec2<u32>(r, min(r + p.rows_per_chunk, p.n * p.oh));
+}
+
+// x window of channel plane x_img for output row oy at tap row ky, columns
+// ox0 .. ox0+4 from tap kx0 on (zero in the padding).
+fn x_window(x_img: u32, oy: u32, ky: u32, ox0: u32, kx0: u32) -> array<f32, XWIN> {
+    let iy = i32(oy * SH + ky) - i32(p.ph);
+    let row = (x_img + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
+    let ix0 = i32(ox0 * SW + kx0) - i32(p.pw);
+    var win: array<f32, XWIN>;
+    for (var j = 0u; j < XWIN; j++) {
+        let ix = ix0 + i32(j);
+        win[j] = select(0.0, x_load(pix(row, ix, p.w)), inside(iy, p.h) && inside(ix, p.w));
+    }
+    return win;
+}
+
+// dw[chunk part] of channels co0 .. co0+16 x taps (ky, kx0 ..) = beta * dw + a's sums.
+fn store_dw(a: DwAcc, live: bool, ci: u32, co0: u32, ky: u32, kx0: u32, chunk: u32) {
+    for (var q = 0u; q < 4u; q++) {
+        for (var k = 0u; k < KXS; k++) {
+            let v = dw_sums(a, q, k);
+            for (var c = 0u; c < 4u; c++) {
+                let co = co0 + 4u * q + c;
+                if (live && kx0 + k < KW && co < p.co) {
+                    let idx = chunk * p.chunk_stride + ((co * p.ci + ci) * KH + ky) * KW + kx0 + k;
+                    var o = v[c];
+                    if (p.beta != 0.0) { o += dw_load(idx); }
+                    dw_store(idx, o);
+                }
+            }
+        }
+    }
 }
 
 @compute @workgroup_size(WG)
 fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
     let live = gid.x < p.ci;
     let ci = min(gid.x, p.ci - 1u);
-    let co0 = wg.y * TCO;
-    let khw = KH * KW;
-    var acc: array<vec4<f32>, TCO * KH * KW>;
-    for (var n = 0u; n < p.n; n++) {
+    let co0 = wg.y * 16u;
+    let chunk = wg.z % p.chunks;
+    let kx_chunks = (KW + KXS - 1u) / KXS;
+    let ky = wg.z / p.chunks / kx_chunks;
+    let kx0 = (wg.z / p.chunks % kx_chunks) * KXS;
+    let c4 = vec4<u32>(co0) + vec4<u32>(0u, 1u, 2u, 3u);
+    let last = vec4<u32>(p.co - 1u);
+    let co_0 = min(c4, last);
+    let co_1 = min(c4 + 4u, last);
+    let co_2 = min(c4 + 8u, last);
+    let co_3 = min(c4 + 12u, last);
+    var a: DwAcc;
+    let rows = chunk_rows(chunk);
+    var n = rows.x / p.oh;
+    var oy = rows.x % p.oh;
+    for (var r = rows.x; r < rows.y; r++) {
         let x_img = (n * p.ci + ci) * p.h;
-        for (var oy = 0u; oy < p.oh; oy++) {
-            for (var ox0 = 0u; ox0 < p.ow; ox0 += 4u) {
-                var dv: array<vec4<f32>, TCO>;
-                for (var c = 0u; c < TCO; c++) {
-                    let idx = ((n * p.co + min(co0 + c, p.co - 1u)) * p.oh + oy) * p.ow + ox0;
-                    if (ox0 + 4u <= p.ow) {
-                        dv[c] = dy_load4(idx);
-                    } else {
-                        for (var j = 0u; j < 4u; j++) {
-                            dv[c][j] = select(0.0, dy_load(idx + min(j, p.ow - 1u - ox0)), ox0 + j < p.ow);
-                        }
-                    }
-                }
-                let ix0 = i32(ox0 * SW) - i32(p.pw);
-                for (var ky = 0u; ky < KH; ky++) {
-                    let iy = i32(oy * SH + ky) - i32(p.ph);
-                    let row = (x_img + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
-                    let row_ok = inside(iy, p.h);
-                    var win: array<f32, WIN>;
-                    for (var j = 0u; j < WIN; j++) {
-                        let ix = ix0 + i32(j);
-                        win[j] = select(0.0, x_load(pix(row, ix, p.w)), row_ok && inside(ix, p.w));
-                    }
-                    for (var kx = 0u; kx < KW; kx++) {
-                        let xv = vec4<f32>(win[kx], win[SW + kx], win[2u * SW + kx], win[3u * SW + kx]);
-                        for (var c = 0u; c < TCO; c++) {
-                            let a = (c * KH + ky) * KW + kx;
-                            acc[a] = fma(dv[c], xv, acc[a]);
-                        }
-                    }
+        let dy_img = n * p.co;
+        let r0 = ((dy_img + co_0) * p.oh + oy) * p.ow;
+        let r1 = ((dy_img + co_1) * p.oh + oy) * p.ow;
+        let r2 = ((dy_img + co_2) * p.oh + oy) * p.ow;
+        let r3 = ((dy_img + co_3) * p.oh + oy) * p.ow;
+        for (var ox0 = 0u; ox0 < p.ow; ox0 += 4u) {
+            let d0 = mat4x4<f32>(dy4(r0.x, ox0), dy4(r0.y, ox0), dy4(r0.z, ox0), dy4(r0.w, ox0));
+            let d1 = mat4x4<f32>(dy4(r1.x, ox0), dy4(r1.y, ox0), dy4(r1.z, ox0), dy4(r1.w, ox0));
+            let d2 = mat4x4<f32>(dy4(r2.x, ox0), dy4(r2.y, ox0), dy4(r2.z, ox0), dy4(r2.w, ox0));
+            let d3 = mat4x4<f32>(dy4(r3.x, ox0), dy4(r3.y, ox0), dy4(r3.z, ox0), dy4(r3.w, ox0));
+            a = dw_step(a, d0, d1, d2, d3, x_window(x_img, oy, ky, ox0, kx0));
+        }
+        // Next row without a branch (llvmpipe runs both sides of an `if`).
+        let wrap = oy + 1u == p.oh;
+        oy = select(oy + 1u, 0u, wrap);
+        n = select(n, n + 1u, wrap);
+    }
+    store_dw(a, live, ci, co0, ky, kx0, chunk);
+}
+
+//@ entry conv2d_grad_weight_sg
+//@ tensors x:read dy:read dw:rw
+//@ const KH = 3u
+//@ const KW = 3u
+//@ const SH = 1u
+//@ const SW = 1u
+// conv2d_grad_weight for adapters whose subgroups are exactly 8 wide
+// (llvmpipe, where every load costs a per-lane gather): lane l loads the dy
+// of channels co0 + l and co0 + 8 + l and subgroupBroadcast hands them to
+// the others (8 loads per lane and step instead of 64).
+struct Params {
+    n: u32, ci: u32, h: u32, w: u32,
+    co: u32, oh: u32, ow: u32, ph: u32, pw: u32,
+    chunks: u32, rows_per_chunk: u32, chunk_stride: u32,
+    beta: f32,
+}
+
+// dy of one channel row at columns ox0 .. ox0+4 (zero past the edge;
+// ox0 < OW). No branch: llvmpipe runs both sides of every `if`.
+fn dy4(row: u32, ox0: u32) -> vec4<f32> {
+    let last = row + p.ow - 1u;
+    return vec4<f32>(dy_load(min(row + ox0, last)),
+                     select(0.0, dy_load(min(row + ox0 + 1u, last)), ox0 + 1u < p.ow),
+                     select(0.0, dy_load(min(row + ox0 + 2u, last)), ox0 + 2u < p.ow),
+                     select(0.0, dy_load(min(row + ox0 + 3u, last)), ox0 + 3u < p.ow));
+}
+
+// Chunk z of the output rows r = n * OH + oy: (first row, end).
+fn chunk_rows(chunk: u32) -> vec2<u32> {
+    let r = chunk * p.rows_per_chunk;
+    return vec2<u32>(r, min(r + p.rows_per_chunk, p.n * p.oh));
+}
+
+// x window of channel plane x_img for output row oy at tap row ky, columns
+// ox0 .. ox0+4 from tap kx0 on (zero in the padding).
+fn x_window(x_img: u32, oy: u32, ky: u32, ox0: u32, kx0: u32) -> array<f32, XWIN> {
+    let iy = i32(oy * SH + ky) - i32(p.ph);
+    let row = (x_img + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
+    let ix0 = i32(ox0 * SW + kx0) - i32(p.pw);
+    var win: array<f32, XWIN>;
+    for (var j = 0u; j < XWIN; j++) {
+        let ix = ix0 + i32(j);
+        win[j] = select(0.0, x_load(pix(row, ix, p.w)), inside(iy, p.h) && inside(ix, p.w));
+    }
+    return win;
+}
+
+// dw[chunk part] of channels co0 .. co0+16 x taps (ky, kx0 ..) = beta * dw + a's sums.
+fn store_dw(a: DwAcc, live: bool, ci: u32, co0: u32, ky: u32, kx0: u32, chunk: u32) {
+    for (var q = 0u; q < 4u; q++) {
+        for (var k = 0u; k < KXS; k++) {
+            let v = dw_sums(a, q, k);
+            for (var c = 0u; c < 4u; c++) {
+                let co = co0 + 4u * q + c;
+                if (live && kx0 + k < KW && co < p.co) {
+                    let idx = chunk * p.chunk_stride + ((co * p.ci + ci) * KH + ky) * KW + kx0 + k;
+                    var o = v[c];
+                    if (p.beta != 0.0) { o += dw_load(idx); }
+                    dw_store(idx, o);
                 }
             }
         }
     }
-    for (var c = 0u; c < TCO; c++) {
-        let co = co0 + c;
-        if (live && co < p.co) {
-            for (var k = 0u; k < khw; k++) {
-                let idx = (co * p.ci + ci) * khw + k;
-                var v = dot(acc[c * khw + k], vec4<f32>(1.0));
-                if (p.beta != 0.0) { v += dw_load(idx); }
-                dw_store(idx, v);
-            }
+}
+const WG: u32 = 8u;
+
+// Columns = dy of lanes l0 .. l0+4.
+fn lanes_lo(v: vec4<f32>) -> mat4x4<f32> {
+    return mat4x4<f32>(subgroupBroadcast(v, 0u), subgroupBroadcast(v, 1u), subgroupBroadcast(v, 2u), subgroupBroadcast(v, 3u));
+}
+fn lanes_hi(v: vec4<f32>) -> mat4x4<f32> {
+    return mat4x4<f32>(subgroupBroadcast(v, 4u), subgroupBroadcast(v, 5u), subgroupBroadcast(v, 6u), subgroupBroadcast(v, 7u));
+}
+
+@compute @workgroup_size(WG)
+fn conv2d_grad_weight_sg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>,
+                         @builtin(subgroup_invocation_id) lane: u32) {
+    let live = gid.x < p.ci;
+    let ci = min(gid.x, p.ci - 1u);
+    let co0 = wg.y * 16u;
+    let chunk = wg.z % p.chunks;
+    let kx_chunks = (KW + KXS - 1u) / KXS;
+    let ky = wg.z / p.chunks / kx_chunks;
+    let kx0 = (wg.z / p.chunks % kx_chunks) * KXS;
+    let co_lo = min(co0 + lane, p.co - 1u);
+    let co_hi = min(co0 + 8u + lane, p.co - 1u);
+    var a: DwAcc;
+    let rows = chunk_rows(chunk);
+    var n = rows.x / p.oh;
+    var oy = rows.x % p.oh;
+    for (var r = rows.x; r < rows.y; r++) {
+        let x_img = (n * p.ci + ci) * p.h;
+        let dy_lo = ((n * p.co + co_lo) * p.oh + oy) * p.ow;
+        let dy_hi = ((n * p.co + co_hi) * p.oh + oy) * p.ow;
+        for (var ox0 = 0u; ox0 < p.ow; ox0 += 4u) {
+            let lo = dy4(dy_lo, ox0);
+            let hi = dy4(dy_hi, ox0);
+            a = dw_step(a, lanes_lo(lo), lanes_hi(lo), lanes_lo(hi), lanes_hi(hi), x_window(x_img, oy, ky, ox0, kx0));
         }
+        let wrap = oy + 1u == p.oh;
+        oy = select(oy + 1u, 0u, wrap);
+        n = select(n, n + 1u, wrap);
     }
+    store_dw(a, live, ci, co0, ky, kx0, chunk);
 }

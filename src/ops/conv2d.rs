@@ -5,6 +5,7 @@
 //! operands directly; the bias gradient is a broadcast reduction.
 
 use super::elementwise::{broadcast_layout, emit_broadcast_reduce};
+use crate::dtype::DType;
 use crate::error::{shape_err, Result};
 use crate::graph::{Emit, Graph, Kernel, OpKernels, Slot, TensorId};
 
@@ -103,6 +104,9 @@ fn size_kernel(entry: &'static str, d: &Geom, stride: [usize; 2], pad: [i64; 2])
         .u32(pad[1] as i32 as u32 as usize)
 }
 
+/// Workgroup size of `conv2d_dilate`.
+const DILATE_WG: u32 = 64;
+
 /// One run of the forward kernel: y = beta*y + conv(x, w) (+ bias).
 struct ConvLaunch {
     d: Geom,
@@ -121,11 +125,20 @@ struct ConvLaunch {
 /// workgroup size). CPU adapters run one SIMD lane per invocation and like
 /// big tiles in one SIMD group; GPUs want more, smaller threads.
 fn tile(e: &Emit) -> (usize, usize, u32) {
-    if e.caps.is_cpu {
+    if cpu_tiles(e) {
         (16, 2, 8)
     } else {
         (8, 2, 64)
     }
+}
+
+/// CPU adapters (tests can ask for the GPU choices).
+fn cpu_tiles(e: &Emit) -> bool {
+    #[cfg(test)]
+    if tests::FORCE_PORTABLE.with(|f| f.get()) {
+        return false;
+    }
+    e.caps.is_cpu
 }
 
 /// Adapters with 8-wide subgroups (llvmpipe) take the subgroup kernel.
@@ -181,36 +194,115 @@ fn emit_conv(e: &mut Emit, l: ConvLaunch) {
 }
 
 impl Conv2d {
-    /// dx of a strided conv: the transposed-convolution kernel.
-    fn emit_strided_grad_input(
+    /// dx = beta*dx + the data gradient: conv(dy, w transposed and flipped)
+    /// at stride 1 with padding K-1-p. A strided conv's dy is first spread
+    /// onto the stride-1 grid (`conv2d_dilate`, zeros between), of height
+    /// H + 2p - K + 1 so that the stride-1 output is exactly H.
+    fn emit_grad_input(&self, e: &mut Emit, d: &Geom, dy: Slot, w: Slot, dx: Slot, beta: f32) {
+        let [ph, pw] = self.padding;
+        let (hd, wd) = (d.h + 2 * ph + 1 - d.kh, d.w + 2 * pw + 1 - d.kw);
+        let src = if self.stride == [1, 1] {
+            dy
+        } else {
+            let total = d.n * d.co * hd * wd;
+            let dyd = e.temp("dy_dilated", total, DType::F32);
+            e.push(
+                Kernel::new("conv2d", "conv2d_dilate")
+                    .konst("SH", format!("{}u", self.stride[0]))
+                    .konst("SW", format!("{}u", self.stride[1]))
+                    .bind("dy", dy)
+                    .bind("dyd", dyd)
+                    .u32(total)
+                    .u32(d.oh)
+                    .u32(d.ow)
+                    .u32(hd)
+                    .u32(wd)
+                    .groups_1d(total, DILATE_WG),
+            );
+            dyd
+        };
+        let t = Geom {
+            ci: d.co,
+            h: hd,
+            w: wd,
+            co: d.ci,
+            oh: d.h,
+            ow: d.w,
+            ..*d
+        };
+        emit_conv(
+            e,
+            ConvLaunch {
+                d: t,
+                stride: [1, 1],
+                pad: [d.kh as i64 - 1 - ph as i64, d.kw as i64 - 1 - pw as i64],
+                x: src,
+                w,
+                bias: None,
+                y: dx,
+                flip: true,
+                beta,
+            },
+        );
+    }
+}
+
+impl Conv2d {
+    /// dw = beta*dw + sum over n, oy, ox of dy x im2col(x). The output rows
+    /// are split into chunks when that is needed to fill a GPU; chunks write
+    /// partial sums to scratch that a fixed-order reduction then adds up.
+    fn emit_grad_weight(
         &self,
         e: &mut Emit,
         d: &Geom,
+        x: Slot,
         dy: Slot,
-        w: Slot,
-        dx: Slot,
+        dw: Slot,
         beta: f32,
-    ) {
-        let (tc, ty, wg) = tile(e);
-        // Column tiles per phase (ix mod SW), each of 4 columns SW apart.
-        let sw = self.stride[1];
-        let per_phase = d.w.div_ceil(sw).div_ceil(4);
-        let (tiles_x, tiles_y) = (sw * per_phase, d.h.div_ceil(ty));
-        let mut k = self
-            .kernel("conv2d_grad_input", d)
-            .konst("TCI", format!("{tc}u"))
-            .konst("TY", format!("{ty}u"))
-            .konst("WG", format!("{wg}u"))
+    ) -> Result<()> {
+        let sg = use_subgroups(e);
+        let wg = if sg { 8 } else { tile(e).2 };
+        let numel = d.co * d.ci * d.kh * d.kw;
+        // Workgroups: input channels x 16 output channels x (ky, 3 kx) x chunks.
+        let taps = d.kh * d.kw.div_ceil(3);
+        let (gx, gy) = (d.ci.div_ceil(wg as usize), d.co.div_ceil(16));
+        let rows = d.n * d.oh;
+        // CPU adapters have few cores: one chunk keeps dy loads shared.
+        let want = if cpu_tiles(e) {
+            1
+        } else {
+            1024usize.div_ceil(gx * gy * taps)
+        };
+        let rows_per_chunk = rows.div_ceil(want.clamp(1, rows));
+        let chunks = rows.div_ceil(rows_per_chunk);
+        let (out, out_beta) = if chunks == 1 {
+            (dw, beta)
+        } else {
+            (e.temp("dw_partial", chunks * numel, DType::F32), 0.0)
+        };
+        let mut k = if sg {
+            self.kernel("conv2d_grad_weight_sg", d)
+        } else {
+            self.kernel("conv2d_grad_weight", d)
+                .konst("WG", format!("{wg}u"))
+        };
+        k = k
+            .bind("x", x)
             .bind("dy", dy)
-            .bind("w", w)
-            .bind("dx", dx)
-            .u32(tiles_x)
-            .u32(tiles_y)
-            .u32(per_phase)
-            .f32(beta)
-            .groups_1d(d.n * tiles_x * tiles_y, wg);
-        k.workgroups[2] = d.ci.div_ceil(tc) as u32;
+            .bind("dw", out)
+            .u32(chunks)
+            .u32(rows_per_chunk)
+            .u32(numel)
+            .f32(out_beta)
+            .groups(gx as u32, gy as u32, (taps * chunks) as u32);
         e.push(k);
+        if chunks > 1 {
+            // The [chunks, numel] partial sums reduce over their first axis.
+            let l = broadcast_layout(&[chunks, numel], &[1, numel])
+                .map_err(|m| shape_err("conv2d", m))?;
+            emit_broadcast_reduce(e, dw, out, None, &l, beta);
+        }
+        Ok(())
     }
 }
 
@@ -294,58 +386,11 @@ impl OpKernels for Conv2d {
             return Ok(());
         };
         let d = self.geom_of(e.graph, i)?;
-        let wg = tile(e).2;
         if let Some(dx) = e.grad_in(0) {
-            if self.stride == [1, 1] {
-                // dx = conv(dy, w transposed and flipped), padding K-1-p.
-                let pad = [
-                    d.kh as i64 - 1 - self.padding[0] as i64,
-                    d.kw as i64 - 1 - self.padding[1] as i64,
-                ];
-                let t = Geom {
-                    ci: d.co,
-                    h: d.oh,
-                    w: d.ow,
-                    co: d.ci,
-                    oh: d.h,
-                    ow: d.w,
-                    ..d
-                };
-                emit_conv(
-                    e,
-                    ConvLaunch {
-                        d: t,
-                        stride: [1, 1],
-                        pad,
-                        x: dy,
-                        w: Slot::Value(i[1]),
-                        bias: None,
-                        y: dx.slot,
-                        flip: true,
-                        beta: dx.beta(),
-                    },
-                );
-            } else {
-                self.emit_strided_grad_input(e, &d, dy, Slot::Value(i[1]), dx.slot, dx.beta());
-            }
+            self.emit_grad_input(e, &d, dy, Slot::Value(i[1]), dx.slot, dx.beta());
         }
         if let Some(dw) = e.grad_in(1) {
-            // TCO x KH*KW vec4 accumulators per invocation: keep them near 72.
-            let tco = (72 / (d.kh * d.kw)).clamp(1, 16);
-            e.push(
-                self.kernel("conv2d_grad_weight", &d)
-                    .konst("TCO", format!("{tco}u"))
-                    .konst("WG", format!("{wg}u"))
-                    .bind("x", Slot::Value(i[0]))
-                    .bind("dy", dy)
-                    .bind("dw", dw.slot)
-                    .f32(dw.beta())
-                    .groups(
-                        d.ci.div_ceil(wg as usize) as u32,
-                        d.co.div_ceil(tco) as u32,
-                        1,
-                    ),
-            );
+            self.emit_grad_weight(e, &d, Slot::Value(i[0]), dy, dw.slot, dw.beta())?;
         }
         if self.bias {
             if let Some(db) = e.grad_in(2) {
@@ -410,12 +455,12 @@ pub fn conv2d_cpu(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::DType;
     use crate::ops::testing::{check_op, check_op_all_dtypes, CaseInput};
     use std::cell::Cell;
 
     thread_local! {
-        /// Take the portable kernels even where subgroups are available.
+        /// Take the kernels and tiles of a GPU without subgroups (portable
+        /// forward, GPU tiles, weight gradient in chunks).
         pub(super) static FORCE_PORTABLE: Cell<bool> = const { Cell::new(false) };
     }
 
@@ -548,6 +593,20 @@ mod tests {
     }
 
     #[test]
+    fn k5_s1_p2_taps_past_one_launch() {
+        // KW = 5: the weight gradient covers a kernel row in two launches of 3 taps.
+        let c = Case {
+            x: [1, 2, 7, 6],
+            co: 3,
+            k: 5,
+            stride: 1,
+            padding: 2,
+            bias: false,
+        };
+        c.check("conv_k5_s1_p2_1x2x7x6_to_3", DType::F32);
+    }
+
+    #[test]
     fn k3_s2_p0_even() {
         let c = Case {
             x: [1, 3, 8, 10],
@@ -596,6 +655,15 @@ mod tests {
             bias: false,
         };
         c.check("conv_portable_k3_s1_p1_1x19x6x9_to_18", DType::F32);
+        let c = Case {
+            x: [2, 3, 5, 7],
+            co: 5,
+            k: 5,
+            stride: 2,
+            padding: 1,
+            bias: false,
+        };
+        c.check("conv_portable_k5_s2_p1_2x3x5x7_to_5", DType::F32);
         FORCE_PORTABLE.with(|f| f.set(false));
     }
 
