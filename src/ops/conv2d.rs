@@ -134,19 +134,11 @@ fn tile(e: &Emit) -> (usize, usize, u32) {
 
 /// CPU adapters (tests can ask for the GPU choices).
 fn cpu_tiles(e: &Emit) -> bool {
-    #[cfg(test)]
-    if tests::FORCE_PORTABLE.with(|f| f.get()) {
-        return false;
-    }
     e.caps.is_cpu
 }
 
 /// Adapters with 8-wide subgroups (llvmpipe) take the subgroup kernel.
 fn use_subgroups(e: &Emit) -> bool {
-    #[cfg(test)]
-    if tests::FORCE_PORTABLE.with(|f| f.get()) {
-        return false;
-    }
     e.caps.subgroups && e.caps.subgroup_min_size == 8 && e.caps.subgroup_max_size == 8
 }
 
@@ -455,14 +447,7 @@ pub fn conv2d_cpu(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{check_op, check_op_all_dtypes, CaseInput};
-    use std::cell::Cell;
-
-    thread_local! {
-        /// Take the kernels and tiles of a GPU without subgroups (portable
-        /// forward, GPU tiles, weight gradient in chunks).
-        pub(super) static FORCE_PORTABLE: Cell<bool> = const { Cell::new(false) };
-    }
+    use crate::ops::testing::{check_op, check_op_all_dtypes, check_op_portable, CaseInput};
 
     /// One convolution case: x shape, (co, k), stride, padding, bias.
     struct Case {
@@ -516,6 +501,19 @@ mod tests {
                 &|v| self.reference(v),
                 dtype,
                 false,
+            );
+            println!("{name} [{dtype}]: {r:?}");
+        }
+
+        /// The kernels and tiles of a GPU without subgroups (portable
+        /// forward, GPU tiles, weight gradient in chunks).
+        fn check_portable(&self, name: &str, dtype: DType) {
+            let r = check_op_portable(
+                name,
+                &self.inputs(),
+                &|g, t| self.build(g, t),
+                &|v| self.reference(v),
+                dtype,
             );
             println!("{name} [{dtype}]: {r:?}");
         }
@@ -635,7 +633,6 @@ mod tests {
 
     #[test]
     fn portable_kernels_without_subgroups() {
-        FORCE_PORTABLE.with(|f| f.set(true));
         let c = Case {
             x: [2, 3, 7, 5],
             co: 4,
@@ -644,8 +641,8 @@ mod tests {
             padding: 1,
             bias: true,
         };
-        c.check("conv_portable_k3_s1_p1_bias_2x3x7x5_to_4", DType::F32);
-        c.check("conv_portable_k3_s1_p1_bias_2x3x7x5_to_4", DType::F16);
+        c.check_portable("conv_k3_s1_p1_bias_2x3x7x5_to_4", DType::F32);
+        c.check_portable("conv_k3_s1_p1_bias_2x3x7x5_to_4", DType::F16);
         let c = Case {
             x: [1, 19, 6, 9],
             co: 18,
@@ -654,7 +651,7 @@ mod tests {
             padding: 1,
             bias: false,
         };
-        c.check("conv_portable_k3_s1_p1_1x19x6x9_to_18", DType::F32);
+        c.check_portable("conv_k3_s1_p1_1x19x6x9_to_18", DType::F32);
         let c = Case {
             x: [2, 3, 5, 7],
             co: 5,
@@ -663,8 +660,7 @@ mod tests {
             padding: 1,
             bias: false,
         };
-        c.check("conv_portable_k5_s2_p1_2x3x5x7_to_5", DType::F32);
-        FORCE_PORTABLE.with(|f| f.set(false));
+        c.check_portable("conv_k5_s2_p1_2x3x5x7_to_5", DType::F32);
     }
 
     #[test]

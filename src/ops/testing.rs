@@ -19,13 +19,14 @@ pub fn gpu() -> &'static Gpu {
     })
 }
 
-/// The shared device as an adapter without subgroups would see it, so tests
-/// cover the portable kernels wherever they run.
-pub fn gpu_without_subgroups() -> &'static Gpu {
+/// The shared device as a GPU without subgroups would see it (portable
+/// kernels, GPU tile sizes), so tests cover those paths on any adapter.
+pub fn portable_gpu() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
     GPU.get_or_init(|| {
         let mut g = gpu().clone();
         g.caps.subgroups = false;
+        g.caps.is_cpu = false;
         g
     })
 }
@@ -128,21 +129,22 @@ pub fn check_op(
     )
 }
 
-/// [`check_op`] in f32 on an adapter without subgroups (the portable kernels).
+/// [`check_op`] on [`portable_gpu`]: the kernels a GPU without subgroups runs.
 pub fn check_op_portable(
     name: &str,
     inputs: &[CaseInput],
     build: Build,
     reference: Reference,
+    dtype: DType,
 ) -> CheckReport {
-    let label = format!("{name} (no subgroups)");
+    let label = format!("{name} (portable)");
     check_op_on(
-        gpu_without_subgroups(),
+        portable_gpu(),
         &label,
         inputs,
         build,
         reference,
-        DType::F32,
+        dtype,
         false,
     )
 }
