@@ -153,7 +153,7 @@ fn store_tile(t: Tile, row0: u32, col0: u32, z: u32) {
 }
 
 //@ entry gemm
-//@ tensors a:read bp:read bias:read c:rw
+//@ tensors a:read bp:read4 bias:read c:rw
 //@ const RB = 4u
 //@ const CB = 2u
 //@ const WGX = 8u
@@ -177,7 +177,7 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
 }
 
 //@ entry gemm_subgroup
-//@ tensors a:read bp:read bias:read c:rw
+//@ tensors a:read bp:read4 bias:read c:rw
 //@ const RB = 4u
 //@ const CB = 2u
 //@ const WGX = 8u

@@ -110,7 +110,7 @@ impl PipelineCache {
                 visibility: wgpu::ShaderStages::COMPUTE,
                 ty: wgpu::BindingType::Buffer {
                     ty: wgpu::BufferBindingType::Storage {
-                        read_only: *access == Access::Read,
+                        read_only: matches!(access, Access::Read | Access::ReadVec4),
                     },
                     has_dynamic_offset: false,
                     min_binding_size: None,

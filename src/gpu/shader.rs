@@ -48,6 +48,9 @@ pub static SOURCES: &[(&str, &str)] = &[
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Access {
     Read,
+    /// Read through 16-byte vectors (`NAME:read4`): `NAME_load4(i)` only at
+    /// multiples of 4, one vector load instead of four scalar ones.
+    ReadVec4,
     Write,
     ReadWrite,
 }
@@ -171,6 +174,7 @@ impl ShaderFile {
                             })?;
                             let access = match a {
                                 "read" => Access::Read,
+                                "read4" => Access::ReadVec4,
                                 "write" => Access::Write,
                                 "rw" => Access::ReadWrite,
                                 _ => {
@@ -307,6 +311,9 @@ fn bf16_value(h: u32) -> f32 { return bitcast<f32>(h << 16u); }
 
 /// Emit the binding of one tensor and its load/store helpers.
 fn tensor_binding(out: &mut String, binding: u32, name: &str, access: Access, storage: Storage) {
+    if access == Access::ReadVec4 {
+        return vec4_binding(out, binding, name, storage);
+    }
     let write = access != Access::Read;
     let space = if write { "read_write" } else { "read" };
     let elem = match storage {
@@ -391,4 +398,36 @@ fn tensor_binding(out: &mut String, binding: u32, name: &str, access: Access, st
             }
         }
     }
+}
+
+/// A read-only tensor viewed as 16-byte vectors (see [`Access::ReadVec4`]).
+fn vec4_binding(out: &mut String, binding: u32, name: &str, storage: Storage) {
+    let (elem, load4, load) = match storage {
+        Storage::F32 => ("vec4<f32>", "B[i >> 2u]", "B[i >> 2u][i & 3u]"),
+        Storage::F16Native => (
+            "vec4<f16>",
+            "vec4<f32>(B[i >> 2u])",
+            "f32(B[i >> 2u][i & 3u])",
+        ),
+        Storage::F16Packed => (
+            "vec2<u32>",
+            "vec4<f32>(unpack2x16float(B[i >> 2u].x), unpack2x16float(B[i >> 2u].y))",
+            "unpack2x16float(B[i >> 2u][(i >> 1u) & 1u])[i & 1u]",
+        ),
+        Storage::BF16Packed => (
+            "vec2<u32>",
+            "vec4<f32>(bf16_value(B[i >> 2u].x & 0xffffu), bf16_value(B[i >> 2u].x >> 16u), \
+             bf16_value(B[i >> 2u].y & 0xffffu), bf16_value(B[i >> 2u].y >> 16u))",
+            "bf16_value((B[i >> 2u][(i >> 1u) & 1u] >> ((i & 1u) * 16u)) & 0xffffu)",
+        ),
+    };
+    let buf = format!("{name}_buf");
+    let _ = writeln!(
+        out,
+        "@group(0) @binding({binding}) var<storage, read> {buf}: array<{elem}>;\n\
+         fn {name}_load4(i: u32) -> vec4<f32> {{ return {}; }}\n\
+         fn {name}_load(i: u32) -> f32 {{ return {}; }}",
+        load4.replace('B', &buf),
+        load.replace('B', &buf)
+    );
 }
