@@ -328,21 +328,8 @@ fn conv2d_dilate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     dyd_store(i, select(0.0, dy_load(src), hit));
 }
 
-//@ entry conv2d_grad_weight
-//@ tensors x:read dy:read dw:rw
-//@ const KH = 3u
-//@ const KW = 3u
-//@ const SH = 1u
-//@ const SW = 1u
-//@ const WG = 8u
-// A GEMM of dy [Co x (N*OH*OW)] with the implicit im2col of x. One
-// invocation: input channel ci (the invocation index) x output channels
-// co0 .. co0+16 (workgroup y) x taps (ky, kx0 .. kx0+3) of one kernel row,
-// summed over the output rows of one chunk, 4 columns at a time (DwAcc).
-// Workgroup z enumerates (ky, kx0 / 3, chunk). dy addresses are the same for
-// the whole workgroup (one load serves every input channel on a GPU). Chunk
-// z writes dw[chunk * p.chunk_stride + i] = beta * dw + partial; with several
-// chunks dw is a scratch buffer summed in chunk order afterwards.
+//@ helpers grad_weight_common
+// Shared by both weight-gradient entries.
 struct Params {
     n: u32, ci: u32, h: u32, w: u32,
     co: u32, oh: u32, ow: u32, ph: u32, pw: u32,
@@ -397,6 +384,23 @@ fn store_dw(a: DwAcc, live: bool, ci: u32, co0: u32, ky: u32, kx0: u32, chunk: u
         }
     }
 }
+
+//@ entry conv2d_grad_weight
+//@ tensors x:read dy:read dw:rw
+//@ const KH = 3u
+//@ const KW = 3u
+//@ const SH = 1u
+//@ const SW = 1u
+//@ const WG = 8u
+//@ use grad_weight_common
+// A GEMM of dy [Co x (N*OH*OW)] with the implicit im2col of x. One
+// invocation: input channel ci (the invocation index) x output channels
+// co0 .. co0+16 (workgroup y) x taps (ky, kx0 .. kx0+3) of one kernel row,
+// summed over the output rows of one chunk, 4 columns at a time (DwAcc).
+// Workgroup z enumerates (ky, kx0 / 3, chunk). dy addresses are the same for
+// the whole workgroup (one load serves every input channel on a GPU). Chunk
+// z writes dw[chunk * p.chunk_stride + i] = beta * dw + partial; with several
+// chunks dw is a scratch buffer summed in chunk order afterwards.
 
 @compute @workgroup_size(WG)
 fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
@@ -445,64 +449,11 @@ fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(wo
 //@ const KW = 3u
 //@ const SH = 1u
 //@ const SW = 1u
+//@ use grad_weight_common
 // conv2d_grad_weight for adapters whose subgroups are exactly 8 wide
 // (llvmpipe, where every load costs a per-lane gather): lane l loads the dy
 // of channels co0 + l and co0 + 8 + l and subgroupBroadcast hands them to
 // the others (8 loads per lane and step instead of 64).
-struct Params {
-    n: u32, ci: u32, h: u32, w: u32,
-    co: u32, oh: u32, ow: u32, ph: u32, pw: u32,
-    chunks: u32, rows_per_chunk: u32, chunk_stride: u32,
-    beta: f32,
-}
-
-// dy of one channel row at columns ox0 .. ox0+4 (zero past the edge;
-// ox0 < OW). No branch: llvmpipe runs both sides of every `if`.
-fn dy4(row: u32, ox0: u32) -> vec4<f32> {
-    let last = row + p.ow - 1u;
-    return vec4<f32>(dy_load(min(row + ox0, last)),
-                     select(0.0, dy_load(min(row + ox0 + 1u, last)), ox0 + 1u < p.ow),
-                     select(0.0, dy_load(min(row + ox0 + 2u, last)), ox0 + 2u < p.ow),
-                     select(0.0, dy_load(min(row + ox0 + 3u, last)), ox0 + 3u < p.ow));
-}
-
-// Chunk z of the output rows r = n * OH + oy: (first row, end).
-fn chunk_rows(chunk: u32) -> vec2<u32> {
-    let r = chunk * p.rows_per_chunk;
-    return vec2<u32>(r, min(r + p.rows_per_chunk, p.n * p.oh));
-}
-
-// x window of channel plane x_img for output row oy at tap row ky, columns
-// ox0 .. ox0+4 from tap kx0 on (zero in the padding).
-fn x_window(x_img: u32, oy: u32, ky: u32, ox0: u32, kx0: u32) -> array<f32, XWIN> {
-    let iy = i32(oy * SH + ky) - i32(p.ph);
-    let row = (x_img + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
-    let ix0 = i32(ox0 * SW + kx0) - i32(p.pw);
-    var win: array<f32, XWIN>;
-    for (var j = 0u; j < XWIN; j++) {
-        let ix = ix0 + i32(j);
-        win[j] = select(0.0, x_load(pix(row, ix, p.w)), inside(iy, p.h) && inside(ix, p.w));
-    }
-    return win;
-}
-
-// dw[chunk part] of channels co0 .. co0+16 x taps (ky, kx0 ..) = beta * dw + a's sums.
-fn store_dw(a: DwAcc, live: bool, ci: u32, co0: u32, ky: u32, kx0: u32, chunk: u32) {
-    for (var q = 0u; q < 4u; q++) {
-        for (var k = 0u; k < KXS; k++) {
-            let v = dw_sums(a, q, k);
-            for (var c = 0u; c < 4u; c++) {
-                let co = co0 + 4u * q + c;
-                if (live && kx0 + k < KW && co < p.co) {
-                    let idx = chunk * p.chunk_stride + ((co * p.ci + ci) * KH + ky) * KW + kx0 + k;
-                    var o = v[c];
-                    if (p.beta != 0.0) { o += dw_load(idx); }
-                    dw_store(idx, o);
-                }
-            }
-        }
-    }
-}
 const WG: u32 = 8u;
 
 // Columns = dy of lanes l0 .. l0+4.
