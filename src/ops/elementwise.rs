@@ -125,14 +125,15 @@ impl Graph {
 
     pub fn geglu(&mut self, x: TensorId) -> Result<TensorId> {
         let mut s = self.shape(x).to_vec();
-        let last = s.last().copied().unwrap_or(0);
-        if last % 2 != 0 {
-            return Err(shape_err(
-                "geglu",
-                format!("last dim of {s:?} must be even"),
-            ));
+        match s.last_mut() {
+            Some(last) if *last % 2 == 0 && *last > 0 => *last /= 2,
+            _ => {
+                return Err(shape_err(
+                    "geglu",
+                    format!("x {s:?} needs an even, non-zero last dim"),
+                ))
+            }
         }
-        *s.last_mut().unwrap() = last / 2;
         let d = self.dtype(x);
         Ok(self.add_node(Geglu.into(), &[x], &[(s, d)])[0])
     }
