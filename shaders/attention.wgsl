@@ -41,6 +41,60 @@ fn visible(i: u32, j: u32, sk: u32, causal: bool) -> bool {
     return j < sk && (!causal || j <= i);
 }
 
+// A head row of up to ROW_MAX_D values held as named 4x4 blocks (column c
+// of block i is chunk 4i + c), not an array: compilers keep named values in
+// registers, while an indexed array spills to scratch memory on llvmpipe.
+// Chunks past D4 hold zeros and are skipped (the guards are constants).
+const ROW_MAX_D: u32 = 64u;
+struct Row { m0: mat4x4<f32>, m1: mat4x4<f32>, m2: mat4x4<f32>, m3: mat4x4<f32> }
+
+// Chunks 4i.. of a . b, summed per component.
+fn block_dot(a: mat4x4<f32>, b: mat4x4<f32>, i: u32) -> vec4<f32> {
+    var v = a[0] * b[0];
+    if (D4 > 4u * i + 1u) { v = fma(a[1], b[1], v); }
+    if (D4 > 4u * i + 2u) { v = fma(a[2], b[2], v); }
+    if (D4 > 4u * i + 3u) { v = fma(a[3], b[3], v); }
+    return v;
+}
+
+fn row_dot(a: Row, b: Row) -> f32 {
+    var v = block_dot(a.m0, b.m0, 0u);
+    if (D4 > 4u) { v += block_dot(a.m1, b.m1, 1u); }
+    if (D4 > 8u) { v += block_dot(a.m2, b.m2, 2u); }
+    if (D4 > 12u) { v += block_dot(a.m3, b.m3, 3u); }
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+// acc * alpha + s * b over the chunks of block i.
+fn block_fma(acc: mat4x4<f32>, alpha: f32, s: f32, b: mat4x4<f32>, i: u32) -> mat4x4<f32> {
+    var o = mat4x4<f32>();
+    o[0] = fma(vec4<f32>(s), b[0], acc[0] * alpha);
+    if (D4 > 4u * i + 1u) { o[1] = fma(vec4<f32>(s), b[1], acc[1] * alpha); }
+    if (D4 > 4u * i + 2u) { o[2] = fma(vec4<f32>(s), b[2], acc[2] * alpha); }
+    if (D4 > 4u * i + 3u) { o[3] = fma(vec4<f32>(s), b[3], acc[3] * alpha); }
+    return o;
+}
+
+// acc * alpha + s * b.
+fn row_fma(acc: Row, alpha: f32, s: f32, b: Row) -> Row {
+    var o = Row();
+    o.m0 = block_fma(acc.m0, alpha, s, b.m0, 0u);
+    if (D4 > 4u) { o.m1 = block_fma(acc.m1, alpha, s, b.m1, 1u); }
+    if (D4 > 8u) { o.m2 = block_fma(acc.m2, alpha, s, b.m2, 2u); }
+    if (D4 > 12u) { o.m3 = block_fma(acc.m3, alpha, s, b.m3, 3u); }
+    return o;
+}
+
+// Chunk c of a row (c < D4).
+fn row_chunk(r: Row, c: u32) -> vec4<f32> {
+    switch (c / 4u) {
+        case 0u: { return r.m0[c % 4u]; }
+        case 1u: { return r.m1[c % 4u]; }
+        case 2u: { return r.m2[c % 4u]; }
+        default: { return r.m3[c % 4u]; }
+    }
+}
+
 //@ entry attention_forward
 //@ tensors q:read k:read v:read o:write lse:write
 //@ const D = 4u
@@ -145,6 +199,173 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
             }
         }
     }
+}
+
+//@ entry attention_forward_subgroup
+//@ tensors q:read k:read v:read o:write lse:write
+//@ const D = 4u
+//@ const RQ = 4u
+//@ const CAUSAL = false
+// attention_forward for adapters with 8-wide subgroups (llvmpipe) and
+// D <= ROW_MAX_D. The workgroup is one subgroup; each lane owns RQ <= 4
+// query rows (row r of lane l is row0 + r * WG + l; per-row scalars are
+// component r of a vec4). Keys go in blocks of WG: lane l loads key and
+// value row j0 + l once and subgroupShuffle hands row j0 + t to every lane,
+// so each K/V element is loaded once per workgroup, not once per query row.
+// Same online softmax as attention_forward, rescaling once per block.
+struct Params { sq: u32, sk: u32, heads: u32, hd: u32, scale_log2: f32 }
+const WG: u32 = 8u;
+
+// The lane's query rows, or its output accumulators: row r in field r.
+struct Rows { r0: Row, r1: Row, r2: Row, r3: Row }
+
+fn q_vec(base: u32, c: u32) -> vec4<f32> {
+    if (c >= D4) { return vec4<f32>(); }
+    if (full_chunk(c)) { return q_load4(base + 4u * c); }
+    let ix = chunk_idx(base, c);
+    return select(vec4<f32>(), vec4<f32>(q_load(ix.x), q_load(ix.y), q_load(ix.z), q_load(ix.w)), TAIL_MASK);
+}
+fn k_vec(base: u32, c: u32) -> vec4<f32> {
+    if (c >= D4) { return vec4<f32>(); }
+    if (full_chunk(c)) { return k_load4(base + 4u * c); }
+    let ix = chunk_idx(base, c);
+    return select(vec4<f32>(), vec4<f32>(k_load(ix.x), k_load(ix.y), k_load(ix.z), k_load(ix.w)), TAIL_MASK);
+}
+fn v_vec(base: u32, c: u32) -> vec4<f32> {
+    if (c >= D4) { return vec4<f32>(); }
+    if (full_chunk(c)) { return v_load4(base + 4u * c); }
+    let ix = chunk_idx(base, c);
+    return select(vec4<f32>(), vec4<f32>(v_load(ix.x), v_load(ix.y), v_load(ix.z), v_load(ix.w)), TAIL_MASK);
+}
+fn q_block(base: u32, c: u32) -> mat4x4<f32> {
+    return mat4x4<f32>(q_vec(base, c), q_vec(base, c + 1u), q_vec(base, c + 2u), q_vec(base, c + 3u));
+}
+fn k_block(base: u32, c: u32) -> mat4x4<f32> {
+    return mat4x4<f32>(k_vec(base, c), k_vec(base, c + 1u), k_vec(base, c + 2u), k_vec(base, c + 3u));
+}
+fn v_block(base: u32, c: u32) -> mat4x4<f32> {
+    return mat4x4<f32>(v_vec(base, c), v_vec(base, c + 1u), v_vec(base, c + 2u), v_vec(base, c + 3u));
+}
+
+// Row `row` (clamped to the last) of q, pre-scaled.
+fn q_row(b: u32, row: u32, hoff: u32) -> Row {
+    let base = (b * p.sq + min(row, p.sq - 1u)) * p.hd + hoff;
+    let s = p.scale_log2;
+    return Row(q_block(base, 0u) * s, q_block(base, 4u) * s, q_block(base, 8u) * s, q_block(base, 12u) * s);
+}
+
+// Block i of lane t's row.
+fn block_shuffle(m: mat4x4<f32>, i: u32, t: u32) -> mat4x4<f32> {
+    var o = mat4x4<f32>();
+    o[0] = subgroupShuffle(m[0], t);
+    if (D4 > 4u * i + 1u) { o[1] = subgroupShuffle(m[1], t); }
+    if (D4 > 4u * i + 2u) { o[2] = subgroupShuffle(m[2], t); }
+    if (D4 > 4u * i + 3u) { o[3] = subgroupShuffle(m[3], t); }
+    return o;
+}
+
+fn row_shuffle(r: Row, t: u32) -> Row {
+    var o = Row();
+    o.m0 = block_shuffle(r.m0, 0u, t);
+    if (D4 > 4u) { o.m1 = block_shuffle(r.m1, 1u, t); }
+    if (D4 > 8u) { o.m2 = block_shuffle(r.m2, 2u, t); }
+    if (D4 > 12u) { o.m3 = block_shuffle(r.m3, 3u, t); }
+    return o;
+}
+
+// Base-2 scores of the lane's rows (component r) against key j (row kj).
+fn scores(q: Rows, kj: Row, j: u32, rows: vec4<u32>) -> vec4<f32> {
+    var s = vec4<f32>(row_dot(q.r0, kj), 0.0, 0.0, 0.0);
+    if (RQ > 1u) { s.y = row_dot(q.r1, kj); }
+    if (RQ > 2u) { s.z = row_dot(q.r2, kj); }
+    if (RQ > 3u) { s.w = row_dot(q.r3, kj); }
+    let vis = vec4<bool>(j < p.sk) & (vec4<bool>(!CAUSAL) | vec4<u32>(j) <= rows);
+    return select(vec4<f32>(MASKED), s, vis);
+}
+
+// acc * alpha + pj * vj per row.
+fn accumulate(acc: Rows, alpha: vec4<f32>, pj: vec4<f32>, vj: Row) -> Rows {
+    var o = Rows();
+    o.r0 = row_fma(acc.r0, alpha.x, pj.x, vj);
+    if (RQ > 1u) { o.r1 = row_fma(acc.r1, alpha.y, pj.y, vj); }
+    if (RQ > 2u) { o.r2 = row_fma(acc.r2, alpha.z, pj.z, vj); }
+    if (RQ > 3u) { o.r3 = row_fma(acc.r3, alpha.w, pj.w, vj); }
+    return o;
+}
+
+fn store_row(acc: Row, b: u32, bh: u32, row: u32, hoff: u32, m: f32, l: f32) {
+    if (row >= p.sq) { return; }
+    lse_store(bh * p.sq + row, (m + log2(l)) * LN2);
+    let inv = 1.0 / l;
+    let base = (b * p.sq + row) * p.hd + hoff;
+    for (var c = 0u; c < D4; c++) {
+        let val = row_chunk(acc, c) * inv;
+        if (full_chunk(c)) {
+            o_store4(base + 4u * c, val);
+        } else {
+            for (var e = 0u; e < D - 4u * c; e++) { o_store(base + 4u * c + e, val[e]); }
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn attention_forward_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    let bh = wg.y;
+    let b = bh / p.heads;
+    let hoff = (bh % p.heads) * D;
+    let row0 = wg.x * WG * RQ;
+    // Rows past the end compute on a clamped row and store nothing.
+    let rows = vec4<u32>(row0 + lane) + vec4<u32>(0u, 1u, 2u, 3u) * WG;
+    var q = Rows();
+    q.r0 = q_row(b, rows.x, hoff);
+    if (RQ > 1u) { q.r1 = q_row(b, rows.y, hoff); }
+    if (RQ > 2u) { q.r2 = q_row(b, rows.z, hoff); }
+    if (RQ > 3u) { q.r3 = q_row(b, rows.w, hoff); }
+    var acc = Rows();
+    var m = vec4<f32>(MASKED);
+    var l = vec4<f32>();
+    let kbase = b * p.sk * p.hd + hoff;
+    var kend = p.sk;
+    if (CAUSAL) { kend = min(p.sk, row0 + WG * RQ); }
+    // The first block holds key 0, visible to every row, so m is finite after it.
+    for (var j0 = 0u; j0 < kend; j0 += WG) {
+        let mine = kbase + min(j0 + lane, p.sk - 1u) * p.hd;
+        let kl = Row(k_block(mine, 0u), k_block(mine, 4u), k_block(mine, 8u), k_block(mine, 12u));
+        let vl = Row(v_block(mine, 0u), v_block(mine, 4u), v_block(mine, 8u), v_block(mine, 12u));
+        let s0 = scores(q, row_shuffle(kl, 0u), j0, rows);
+        let s1 = scores(q, row_shuffle(kl, 1u), j0 + 1u, rows);
+        let s2 = scores(q, row_shuffle(kl, 2u), j0 + 2u, rows);
+        let s3 = scores(q, row_shuffle(kl, 3u), j0 + 3u, rows);
+        let s4 = scores(q, row_shuffle(kl, 4u), j0 + 4u, rows);
+        let s5 = scores(q, row_shuffle(kl, 5u), j0 + 5u, rows);
+        let s6 = scores(q, row_shuffle(kl, 6u), j0 + 6u, rows);
+        let s7 = scores(q, row_shuffle(kl, 7u), j0 + 7u, rows);
+        let mt = max(m, max(max(max(s0, s1), max(s2, s3)), max(max(s4, s5), max(s6, s7))));
+        let alpha = exp2(m - mt);
+        m = mt;
+        let p0 = exp2(s0 - mt);
+        let p1 = exp2(s1 - mt);
+        let p2 = exp2(s2 - mt);
+        let p3 = exp2(s3 - mt);
+        let p4 = exp2(s4 - mt);
+        let p5 = exp2(s5 - mt);
+        let p6 = exp2(s6 - mt);
+        let p7 = exp2(s7 - mt);
+        l = l * alpha + (((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)));
+        acc = accumulate(acc, alpha, p0, row_shuffle(vl, 0u));
+        let one = vec4<f32>(1.0);
+        acc = accumulate(acc, one, p1, row_shuffle(vl, 1u));
+        acc = accumulate(acc, one, p2, row_shuffle(vl, 2u));
+        acc = accumulate(acc, one, p3, row_shuffle(vl, 3u));
+        acc = accumulate(acc, one, p4, row_shuffle(vl, 4u));
+        acc = accumulate(acc, one, p5, row_shuffle(vl, 5u));
+        acc = accumulate(acc, one, p6, row_shuffle(vl, 6u));
+        acc = accumulate(acc, one, p7, row_shuffle(vl, 7u));
+    }
+    store_row(acc.r0, b, bh, rows.x, hoff, m.x, l.x);
+    if (RQ > 1u) { store_row(acc.r1, b, bh, rows.y, hoff, m.y, l.y); }
+    if (RQ > 2u) { store_row(acc.r2, b, bh, rows.z, hoff, m.z, l.z); }
+    if (RQ > 3u) { store_row(acc.r3, b, bh, rows.w, hoff, m.w, l.w); }
 }
 
 //@ entry attention_delta

@@ -127,16 +127,27 @@ fn tile(e: &Emit) -> (usize, usize, usize) {
     }
 }
 
+/// Width of the subgroup forward's workgroup (one subgroup), its query
+/// rows per lane, and the largest head dim it holds in registers
+/// (`ROW_MAX_D` in the shader).
+const SG_WIDTH: usize = 8;
+const SG_ROWS: usize = 4;
+const SG_MAX_D: usize = 64;
+
 /// A kernel over row blocks: workgroup x covers `wg * rq` rows of `rows`,
 /// y is the (batch, head) pair.
-fn row_kernel(e: &Emit, entry: &'static str, a: &Attention, d: &Dims, rows: usize) -> Kernel {
-    let (wg, rq, _) = tile(e);
+fn blocks(entry: &'static str, a: &Attention, d: &Dims, rows: usize, wg: usize, rq: usize) -> Kernel {
     Kernel::new("attention", entry)
         .konst("D", format!("{}u", d.d))
         .konst("RQ", format!("{rq}u"))
-        .konst("WG", format!("{wg}u"))
         .konst("CAUSAL", a.causal)
         .groups(rows.div_ceil(wg * rq) as u32, (d.batch * d.heads) as u32, 1)
+}
+
+/// [`blocks`] with the adapter's tile.
+fn row_kernel(e: &Emit, entry: &'static str, a: &Attention, d: &Dims, rows: usize) -> Kernel {
+    let (wg, rq, _) = tile(e);
+    blocks(entry, a, d, rows, wg, rq).konst("WG", format!("{wg}u"))
 }
 
 impl OpKernels for Attention {
@@ -146,9 +157,19 @@ impl OpKernels for Attention {
 
     fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
         let d = self.node_dims(e, i)?;
-        let (_, _, kt) = tile(e);
-        let k = row_kernel(e, "attention_forward", self, &d, d.sq)
-            .konst("KT", format!("{kt}u"))
+        // Subgroups exactly one workgroup wide share K/V rows by shuffles.
+        let sg = e.caps.subgroups
+            && e.caps.subgroup_min_size == SG_WIDTH as u32
+            && e.caps.subgroup_max_size == SG_WIDTH as u32
+            && d.d <= SG_MAX_D;
+        let k = if sg {
+            let entry = "attention_forward_subgroup";
+            blocks(entry, self, &d, d.sq, SG_WIDTH, SG_ROWS)
+        } else {
+            let (_, _, kt) = tile(e);
+            row_kernel(e, "attention_forward", self, &d, d.sq).konst("KT", format!("{kt}u"))
+        };
+        let k = k
             .bind("q", Slot::Value(i[0]))
             .bind("k", Slot::Value(i[1]))
             .bind("v", Slot::Value(i[2]))
