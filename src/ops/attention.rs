@@ -136,7 +136,14 @@ const SG_MAX_D: usize = 64;
 
 /// A kernel over row blocks: workgroup x covers `wg * rq` rows of `rows`,
 /// y is the (batch, head) pair.
-fn blocks(entry: &'static str, a: &Attention, d: &Dims, rows: usize, wg: usize, rq: usize) -> Kernel {
+fn blocks(
+    entry: &'static str,
+    a: &Attention,
+    d: &Dims,
+    rows: usize,
+    wg: usize,
+    rq: usize,
+) -> Kernel {
     Kernel::new("attention", entry)
         .konst("D", format!("{}u", d.d))
         .konst("RQ", format!("{rq}u"))
@@ -297,7 +304,9 @@ pub fn attention_cpu(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{check_op, check_op_all_dtypes, random, CaseInput};
+    use crate::ops::testing::{
+        check_op, check_op_all_dtypes, check_op_portable, random, CaseInput,
+    };
 
     /// Inputs of magnitude ~1..3 so the softmax is far from flat.
     fn qkv(b: usize, sq: usize, sk: usize, hd: usize) -> [CaseInput; 3] {
@@ -353,6 +362,33 @@ mod tests {
             true,
             false,
         );
+    }
+
+    #[test]
+    fn head_dims_across_register_blocks() {
+        // D = 37: three of the subgroup kernel's 4x4 blocks, the last partial.
+        check("self_b1_s11_h2_d37", (1, 11, 11, 2, 37), false, false);
+        // D = 66 > SG_MAX_D: the array kernel even with subgroups.
+        check("cross_b1_sq5_sk6_h1_d66", (1, 5, 6, 1, 66), false, false);
+    }
+
+    #[test]
+    fn portable_kernels_without_subgroups() {
+        for (name, causal) in [
+            ("portable_b2_sq9_sk13_h2_d5", false),
+            ("portable_causal", true),
+        ] {
+            let (b, sq, sk, h, d) = (2, 9, 13, 2, 5);
+            let sk = if causal { sq } else { sk };
+            let scale = 1.0 / (d as f64).sqrt();
+            let r = check_op_portable(
+                name,
+                &qkv(b, sq, sk, h * d),
+                &|g, x| g.attention(x[0], x[1], x[2], h, causal),
+                &|x| attention_cpu(&x[0], &x[1], &x[2], b, sq, sk, h, d, scale, causal),
+            );
+            println!("{name}: {r:?}");
+        }
     }
 
     #[test]
