@@ -201,23 +201,31 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
     }
 }
 
-//@ entry attention_forward_subgroup
-//@ tensors q:read k:read v:read o:write lse:write
-//@ const D = 4u
-//@ const RQ = 4u
-//@ const CAUSAL = false
-// attention_forward for adapters with 8-wide subgroups (llvmpipe) and
-// D <= ROW_MAX_D. The workgroup is one subgroup; each lane owns RQ <= 4
-// query rows (row r of lane l is row0 + r * WG + l; per-row scalars are
-// component r of a vec4). Keys go in blocks of WG: lane l loads key and
-// value row j0 + l once and subgroupShuffle hands row j0 + t to every lane,
-// so each K/V element is loaded once per workgroup, not once per query row.
-// Same online softmax as attention_forward, rescaling once per block.
-struct Params { sq: u32, sk: u32, heads: u32, hd: u32, scale_log2: f32 }
-const WG: u32 = 8u;
-
-// The lane's query rows, or its output accumulators: row r in field r.
+//@ helpers sg_rows
+// For the subgroup kernels: rows of q, k and v as Row values (zero past D),
+// and row t of a subgroup lane's Row.
+// Up to 4 rows of one invocation, row r in field r (its scalars are
+// component r of a vec4); RQ <= 4 of them are in use.
 struct Rows { r0: Row, r1: Row, r2: Row, r3: Row }
+
+// The dot product of each row with b.
+fn rows_dot(a: Rows, b: Row) -> vec4<f32> {
+    var s = vec4<f32>(row_dot(a.r0, b), 0.0, 0.0, 0.0);
+    if (RQ > 1u) { s.y = row_dot(a.r1, b); }
+    if (RQ > 2u) { s.z = row_dot(a.r2, b); }
+    if (RQ > 3u) { s.w = row_dot(a.r3, b); }
+    return s;
+}
+
+// Row r becomes acc_r * alpha[r] + s[r] * b.
+fn rows_fma(acc: Rows, alpha: vec4<f32>, s: vec4<f32>, b: Row) -> Rows {
+    var o = Rows();
+    o.r0 = row_fma(acc.r0, alpha.x, s.x, b);
+    if (RQ > 1u) { o.r1 = row_fma(acc.r1, alpha.y, s.y, b); }
+    if (RQ > 2u) { o.r2 = row_fma(acc.r2, alpha.z, s.z, b); }
+    if (RQ > 3u) { o.r3 = row_fma(acc.r3, alpha.w, s.w, b); }
+    return o;
+}
 
 fn q_vec(base: u32, c: u32) -> vec4<f32> {
     if (c >= D4) { return vec4<f32>(); }
@@ -247,11 +255,30 @@ fn v_block(base: u32, c: u32) -> mat4x4<f32> {
     return mat4x4<f32>(v_vec(base, c), v_vec(base, c + 1u), v_vec(base, c + 2u), v_vec(base, c + 3u));
 }
 
-// Row `row` (clamped to the last) of q, pre-scaled.
-fn q_row(b: u32, row: u32, hoff: u32) -> Row {
-    let base = (b * p.sq + min(row, p.sq - 1u)) * p.hd + hoff;
-    let s = p.scale_log2;
-    return Row(q_block(base, 0u) * s, q_block(base, 4u) * s, q_block(base, 8u) * s, q_block(base, 12u) * s);
+// Query rows `rows` (clamped to the last) times s.
+fn q_rows(b: u32, rows: vec4<u32>, hoff: u32, s: f32) -> Rows {
+    let base = (b * p.sq + min(rows, vec4<u32>(p.sq - 1u))) * p.hd + hoff;
+    var o = Rows();
+    o.r0 = Row(q_block(base.x, 0u) * s, q_block(base.x, 4u) * s, q_block(base.x, 8u) * s, q_block(base.x, 12u) * s);
+    if (RQ > 1u) { o.r1 = Row(q_block(base.y, 0u) * s, q_block(base.y, 4u) * s, q_block(base.y, 8u) * s, q_block(base.y, 12u) * s); }
+    if (RQ > 2u) { o.r2 = Row(q_block(base.z, 0u) * s, q_block(base.z, 4u) * s, q_block(base.z, 8u) * s, q_block(base.z, 12u) * s); }
+    if (RQ > 3u) { o.r3 = Row(q_block(base.w, 0u) * s, q_block(base.w, 4u) * s, q_block(base.w, 8u) * s, q_block(base.w, 12u) * s); }
+    return o;
+}
+
+// Key and value row j (clamped to the last) of batch b, head offset hoff.
+fn k_row(b: u32, j: u32, hoff: u32) -> Row {
+    let base = (b * p.sk + min(j, p.sk - 1u)) * p.hd + hoff;
+    return Row(k_block(base, 0u), k_block(base, 4u), k_block(base, 8u), k_block(base, 12u));
+}
+fn v_row(b: u32, j: u32, hoff: u32) -> Row {
+    let base = (b * p.sk + min(j, p.sk - 1u)) * p.hd + hoff;
+    return Row(v_block(base, 0u), v_block(base, 4u), v_block(base, 8u), v_block(base, 12u));
+}
+
+// Which of the rows see key j.
+fn visible4(rows: vec4<u32>, j: u32) -> vec4<bool> {
+    return vec4<bool>(j < p.sk) & (vec4<bool>(!CAUSAL) | vec4<u32>(j) <= rows);
 }
 
 // Block i of lane t's row.
@@ -273,24 +300,25 @@ fn row_shuffle(r: Row, t: u32) -> Row {
     return o;
 }
 
+//@ entry attention_forward_subgroup
+//@ tensors q:read k:read v:read o:write lse:write
+//@ const D = 4u
+//@ const RQ = 4u
+//@ const CAUSAL = false
+//@ use sg_rows
+// attention_forward for adapters with 8-wide subgroups (llvmpipe) and
+// D <= ROW_MAX_D. The workgroup is one subgroup; each lane owns RQ <= 4
+// query rows (row r of lane l is row0 + r * WG + l; per-row scalars are
+// component r of a vec4). Keys go in blocks of WG: lane l loads key and
+// value row j0 + l once and subgroupShuffle hands row j0 + t to every lane,
+// so each K/V element is loaded once per workgroup, not once per query row.
+// Same online softmax as attention_forward, rescaling once per block.
+struct Params { sq: u32, sk: u32, heads: u32, hd: u32, scale_log2: f32 }
+const WG: u32 = 8u;
+
 // Base-2 scores of the lane's rows (component r) against key j (row kj).
 fn scores(q: Rows, kj: Row, j: u32, rows: vec4<u32>) -> vec4<f32> {
-    var s = vec4<f32>(row_dot(q.r0, kj), 0.0, 0.0, 0.0);
-    if (RQ > 1u) { s.y = row_dot(q.r1, kj); }
-    if (RQ > 2u) { s.z = row_dot(q.r2, kj); }
-    if (RQ > 3u) { s.w = row_dot(q.r3, kj); }
-    let vis = vec4<bool>(j < p.sk) & (vec4<bool>(!CAUSAL) | vec4<u32>(j) <= rows);
-    return select(vec4<f32>(MASKED), s, vis);
-}
-
-// acc * alpha + pj * vj per row.
-fn accumulate(acc: Rows, alpha: vec4<f32>, pj: vec4<f32>, vj: Row) -> Rows {
-    var o = Rows();
-    o.r0 = row_fma(acc.r0, alpha.x, pj.x, vj);
-    if (RQ > 1u) { o.r1 = row_fma(acc.r1, alpha.y, pj.y, vj); }
-    if (RQ > 2u) { o.r2 = row_fma(acc.r2, alpha.z, pj.z, vj); }
-    if (RQ > 3u) { o.r3 = row_fma(acc.r3, alpha.w, pj.w, vj); }
-    return o;
+    return select(vec4<f32>(MASKED), rows_dot(q, kj), visible4(rows, j));
 }
 
 fn store_row(acc: Row, b: u32, bh: u32, row: u32, hoff: u32, m: f32, l: f32) {
@@ -316,22 +344,16 @@ fn attention_forward_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(loc
     let row0 = wg.x * WG * RQ;
     // Rows past the end compute on a clamped row and store nothing.
     let rows = vec4<u32>(row0 + lane) + vec4<u32>(0u, 1u, 2u, 3u) * WG;
-    var q = Rows();
-    q.r0 = q_row(b, rows.x, hoff);
-    if (RQ > 1u) { q.r1 = q_row(b, rows.y, hoff); }
-    if (RQ > 2u) { q.r2 = q_row(b, rows.z, hoff); }
-    if (RQ > 3u) { q.r3 = q_row(b, rows.w, hoff); }
+    let q = q_rows(b, rows, hoff, p.scale_log2);
     var acc = Rows();
     var m = vec4<f32>(MASKED);
     var l = vec4<f32>();
-    let kbase = b * p.sk * p.hd + hoff;
     var kend = p.sk;
     if (CAUSAL) { kend = min(p.sk, row0 + WG * RQ); }
     // The first block holds key 0, visible to every row, so m is finite after it.
     for (var j0 = 0u; j0 < kend; j0 += WG) {
-        let mine = kbase + min(j0 + lane, p.sk - 1u) * p.hd;
-        let kl = Row(k_block(mine, 0u), k_block(mine, 4u), k_block(mine, 8u), k_block(mine, 12u));
-        let vl = Row(v_block(mine, 0u), v_block(mine, 4u), v_block(mine, 8u), v_block(mine, 12u));
+        let kl = k_row(b, j0 + lane, hoff);
+        let vl = v_row(b, j0 + lane, hoff);
         let s0 = scores(q, row_shuffle(kl, 0u), j0, rows);
         let s1 = scores(q, row_shuffle(kl, 1u), j0 + 1u, rows);
         let s2 = scores(q, row_shuffle(kl, 2u), j0 + 2u, rows);
@@ -352,15 +374,15 @@ fn attention_forward_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(loc
         let p6 = exp2(s6 - mt);
         let p7 = exp2(s7 - mt);
         l = l * alpha + (((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)));
-        acc = accumulate(acc, alpha, p0, row_shuffle(vl, 0u));
         let one = vec4<f32>(1.0);
-        acc = accumulate(acc, one, p1, row_shuffle(vl, 1u));
-        acc = accumulate(acc, one, p2, row_shuffle(vl, 2u));
-        acc = accumulate(acc, one, p3, row_shuffle(vl, 3u));
-        acc = accumulate(acc, one, p4, row_shuffle(vl, 4u));
-        acc = accumulate(acc, one, p5, row_shuffle(vl, 5u));
-        acc = accumulate(acc, one, p6, row_shuffle(vl, 6u));
-        acc = accumulate(acc, one, p7, row_shuffle(vl, 7u));
+        acc = rows_fma(acc, alpha, p0, row_shuffle(vl, 0u));
+        acc = rows_fma(acc, one, p1, row_shuffle(vl, 1u));
+        acc = rows_fma(acc, one, p2, row_shuffle(vl, 2u));
+        acc = rows_fma(acc, one, p3, row_shuffle(vl, 3u));
+        acc = rows_fma(acc, one, p4, row_shuffle(vl, 4u));
+        acc = rows_fma(acc, one, p5, row_shuffle(vl, 5u));
+        acc = rows_fma(acc, one, p6, row_shuffle(vl, 6u));
+        acc = rows_fma(acc, one, p7, row_shuffle(vl, 7u));
     }
     store_row(acc.r0, b, bh, rows.x, hoff, m.x, l.x);
     if (RQ > 1u) { store_row(acc.r1, b, bh, rows.y, hoff, m.y, l.y); }
@@ -497,6 +519,86 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
             }
         }
     }
+}
+
+//@ entry attention_backward_dq_subgroup
+//@ tensors q:read k:read v:read dout:read lse:read delta:read dq:rw
+//@ const D = 4u
+//@ const RQ = 4u
+//@ const CAUSAL = false
+//@ use sg_rows
+// attention_backward_dq for 8-wide subgroups and D <= ROW_MAX_D, laid out
+// as attention_forward_subgroup: RQ query rows per lane, key and value
+// rows shared by subgroupShuffle in blocks of WG.
+struct Params { sq: u32, sk: u32, heads: u32, hd: u32, scale: f32, beta: f32 }
+const WG: u32 = 8u;
+
+fn dout_vec(base: u32, c: u32) -> vec4<f32> {
+    if (c >= D4) { return vec4<f32>(); }
+    if (full_chunk(c)) { return dout_load4(base + 4u * c); }
+    let ix = chunk_idx(base, c);
+    return select(vec4<f32>(), vec4<f32>(dout_load(ix.x), dout_load(ix.y), dout_load(ix.z), dout_load(ix.w)), TAIL_MASK);
+}
+fn dq_vec(base: u32, c: u32) -> vec4<f32> {
+    if (full_chunk(c)) { return dq_load4(base + 4u * c); }
+    let ix = chunk_idx(base, c);
+    return select(vec4<f32>(), vec4<f32>(dq_load(ix.x), dq_load(ix.y), dq_load(ix.z), dq_load(ix.w)), TAIL_MASK);
+}
+fn dout_block(base: u32, c: u32) -> mat4x4<f32> {
+    return mat4x4<f32>(dout_vec(base, c), dout_vec(base, c + 1u), dout_vec(base, c + 2u), dout_vec(base, c + 3u));
+}
+fn dout_row(b: u32, row: u32, hoff: u32) -> Row {
+    let base = (b * p.sq + min(row, p.sq - 1u)) * p.hd + hoff;
+    return Row(dout_block(base, 0u), dout_block(base, 4u), dout_block(base, 8u), dout_block(base, 12u));
+}
+
+fn store_row(acc: Row, b: u32, row: u32, hoff: u32) {
+    if (row >= p.sq) { return; }
+    let base = (b * p.sq + row) * p.hd + hoff;
+    for (var c = 0u; c < D4; c++) {
+        var val = row_chunk(acc, c) * p.scale;
+        if (p.beta != 0.0) { val += dq_vec(base, c); }
+        if (full_chunk(c)) {
+            dq_store4(base + 4u * c, val);
+        } else {
+            for (var e = 0u; e < D - 4u * c; e++) { dq_store(base + 4u * c + e, val[e]); }
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn attention_backward_dq_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    let bh = wg.y;
+    let b = bh / p.heads;
+    let hoff = (bh % p.heads) * D;
+    let row0 = wg.x * WG * RQ;
+    let rows = vec4<u32>(row0 + lane) + vec4<u32>(0u, 1u, 2u, 3u) * WG;
+    let q = q_rows(b, rows, hoff, p.scale * LOG2E);
+    var dor = Rows();
+    dor.r0 = dout_row(b, rows.x, hoff);
+    if (RQ > 1u) { dor.r1 = dout_row(b, rows.y, hoff); }
+    if (RQ > 2u) { dor.r2 = dout_row(b, rows.z, hoff); }
+    if (RQ > 3u) { dor.r3 = dout_row(b, rows.w, hoff); }
+    let stat = bh * p.sq + min(rows, vec4<u32>(p.sq - 1u));
+    let lse2 = vec4<f32>(lse_load(stat.x), lse_load(stat.y), lse_load(stat.z), lse_load(stat.w)) * LOG2E;
+    let dl = vec4<f32>(delta_load(stat.x), delta_load(stat.y), delta_load(stat.z), delta_load(stat.w));
+    var acc = Rows();
+    var kend = p.sk;
+    if (CAUSAL) { kend = min(p.sk, row0 + WG * RQ); }
+    for (var j0 = 0u; j0 < kend; j0 += WG) {
+        let kl = k_row(b, j0 + lane, hoff);
+        let vl = v_row(b, j0 + lane, hoff);
+        for (var t = 0u; t < WG; t++) {
+            let kj = row_shuffle(kl, t);
+            let pr = select(vec4<f32>(), exp2(rows_dot(q, kj) - lse2), visible4(rows, j0 + t));
+            let ds = pr * (rows_dot(dor, row_shuffle(vl, t)) - dl);
+            acc = rows_fma(acc, vec4<f32>(1.0), ds, kj);
+        }
+    }
+    store_row(acc.r0, b, rows.x, hoff);
+    if (RQ > 1u) { store_row(acc.r1, b, rows.y, hoff); }
+    if (RQ > 2u) { store_row(acc.r2, b, rows.z, hoff); }
+    if (RQ > 3u) { store_row(acc.r3, b, rows.w, hoff); }
 }
 
 //@ entry attention_backward_dkv

@@ -134,6 +134,15 @@ const SG_WIDTH: usize = 8;
 const SG_ROWS: usize = 4;
 const SG_MAX_D: usize = 64;
 
+/// Whether the `*_subgroup` kernels apply: subgroups exactly one workgroup
+/// wide (they share K/V rows by shuffles) and rows that fit their registers.
+fn subgroup_rows(e: &Emit, d: &Dims) -> bool {
+    e.caps.subgroups
+        && e.caps.subgroup_min_size == SG_WIDTH as u32
+        && e.caps.subgroup_max_size == SG_WIDTH as u32
+        && d.d <= SG_MAX_D
+}
+
 /// A kernel over row blocks: workgroup x covers `wg * rq` rows of `rows`,
 /// y is the (batch, head) pair.
 fn blocks(
@@ -164,12 +173,7 @@ impl OpKernels for Attention {
 
     fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
         let d = self.node_dims(e, i)?;
-        // Subgroups exactly one workgroup wide share K/V rows by shuffles.
-        let sg = e.caps.subgroups
-            && e.caps.subgroup_min_size == SG_WIDTH as u32
-            && e.caps.subgroup_max_size == SG_WIDTH as u32
-            && d.d <= SG_MAX_D;
-        let k = if sg {
+        let k = if subgroup_rows(e, &d) {
             let entry = "attention_forward_subgroup";
             blocks(entry, self, &d, d.sq, SG_WIDTH, SG_ROWS)
         } else {
@@ -227,9 +231,13 @@ impl OpKernels for Attention {
                 .f32(self.scale)
         };
         if let Some(dq) = e.grad_in(0) {
-            let k = common(row_kernel(e, "attention_backward_dq", self, &d, d.sq))
-                .bind("dq", dq.slot)
-                .f32(dq.beta());
+            let kernel = if subgroup_rows(e, &d) {
+                let entry = "attention_backward_dq_subgroup";
+                blocks(entry, self, &d, d.sq, SG_WIDTH, SG_ROWS)
+            } else {
+                row_kernel(e, "attention_backward_dq", self, &d, d.sq)
+            };
+            let k = common(kernel).bind("dq", dq.slot).f32(dq.beta());
             e.push(k);
         }
         let (dk, dv) = (e.grad_in(1), e.grad_in(2));
