@@ -255,14 +255,23 @@ fn v_block(base: u32, c: u32) -> mat4x4<f32> {
     return mat4x4<f32>(v_vec(base, c), v_vec(base, c + 1u), v_vec(base, c + 2u), v_vec(base, c + 3u));
 }
 
-// Query rows `rows` (clamped to the last) times s.
+// Query row `row` (clamped to the last) of batch b, head offset hoff.
+fn q_row(b: u32, row: u32, hoff: u32) -> Row {
+    let base = (b * p.sq + min(row, p.sq - 1u)) * p.hd + hoff;
+    return Row(q_block(base, 0u), q_block(base, 4u), q_block(base, 8u), q_block(base, 12u));
+}
+
+fn row_scaled(r: Row, s: f32) -> Row {
+    return Row(r.m0 * s, r.m1 * s, r.m2 * s, r.m3 * s);
+}
+
+// Query rows `rows` times s.
 fn q_rows(b: u32, rows: vec4<u32>, hoff: u32, s: f32) -> Rows {
-    let base = (b * p.sq + min(rows, vec4<u32>(p.sq - 1u))) * p.hd + hoff;
     var o = Rows();
-    o.r0 = Row(q_block(base.x, 0u) * s, q_block(base.x, 4u) * s, q_block(base.x, 8u) * s, q_block(base.x, 12u) * s);
-    if (RQ > 1u) { o.r1 = Row(q_block(base.y, 0u) * s, q_block(base.y, 4u) * s, q_block(base.y, 8u) * s, q_block(base.y, 12u) * s); }
-    if (RQ > 2u) { o.r2 = Row(q_block(base.z, 0u) * s, q_block(base.z, 4u) * s, q_block(base.z, 8u) * s, q_block(base.z, 12u) * s); }
-    if (RQ > 3u) { o.r3 = Row(q_block(base.w, 0u) * s, q_block(base.w, 4u) * s, q_block(base.w, 8u) * s, q_block(base.w, 12u) * s); }
+    o.r0 = row_scaled(q_row(b, rows.x, hoff), s);
+    if (RQ > 1u) { o.r1 = row_scaled(q_row(b, rows.y, hoff), s); }
+    if (RQ > 2u) { o.r2 = row_scaled(q_row(b, rows.z, hoff), s); }
+    if (RQ > 3u) { o.r3 = row_scaled(q_row(b, rows.w, hoff), s); }
     return o;
 }
 
@@ -521,28 +530,13 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     }
 }
 
-//@ entry attention_backward_dq_subgroup
-//@ tensors q:read k:read v:read dout:read lse:read delta:read dq:rw
-//@ const D = 4u
-//@ const RQ = 4u
-//@ const CAUSAL = false
-//@ use sg_rows
-// attention_backward_dq for 8-wide subgroups and D <= ROW_MAX_D, laid out
-// as attention_forward_subgroup: RQ query rows per lane, key and value
-// rows shared by subgroupShuffle in blocks of WG.
-struct Params { sq: u32, sk: u32, heads: u32, hd: u32, scale: f32, beta: f32 }
-const WG: u32 = 8u;
-
+//@ helpers sg_dout
+// dO rows as Row values for the subgroup backward kernels.
 fn dout_vec(base: u32, c: u32) -> vec4<f32> {
     if (c >= D4) { return vec4<f32>(); }
     if (full_chunk(c)) { return dout_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
     return select(vec4<f32>(), vec4<f32>(dout_load(ix.x), dout_load(ix.y), dout_load(ix.z), dout_load(ix.w)), TAIL_MASK);
-}
-fn dq_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return dq_load4(base + 4u * c); }
-    let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(dq_load(ix.x), dq_load(ix.y), dq_load(ix.z), dq_load(ix.w)), TAIL_MASK);
 }
 fn dout_block(base: u32, c: u32) -> mat4x4<f32> {
     return mat4x4<f32>(dout_vec(base, c), dout_vec(base, c + 1u), dout_vec(base, c + 2u), dout_vec(base, c + 3u));
@@ -552,6 +546,24 @@ fn dout_row(b: u32, row: u32, hoff: u32) -> Row {
     return Row(dout_block(base, 0u), dout_block(base, 4u), dout_block(base, 8u), dout_block(base, 12u));
 }
 
+//@ entry attention_backward_dq_subgroup
+//@ tensors q:read k:read v:read dout:read lse:read delta:read dq:rw
+//@ const D = 4u
+//@ const RQ = 4u
+//@ const CAUSAL = false
+//@ use sg_rows
+//@ use sg_dout
+// attention_backward_dq for 8-wide subgroups and D <= ROW_MAX_D, laid out
+// as attention_forward_subgroup: RQ query rows per lane, key and value
+// rows shared by subgroupShuffle in blocks of WG.
+struct Params { sq: u32, sk: u32, heads: u32, hd: u32, scale: f32, beta: f32 }
+const WG: u32 = 8u;
+
+fn dq_vec(base: u32, c: u32) -> vec4<f32> {
+    if (full_chunk(c)) { return dq_load4(base + 4u * c); }
+    let ix = chunk_idx(base, c);
+    return select(vec4<f32>(), vec4<f32>(dq_load(ix.x), dq_load(ix.y), dq_load(ix.z), dq_load(ix.w)), TAIL_MASK);
+}
 fn store_row(acc: Row, b: u32, row: u32, hoff: u32) {
     if (row >= p.sq) { return; }
     let base = (b * p.sq + row) * p.hd + hoff;
@@ -599,6 +611,104 @@ fn attention_backward_dq_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin
     if (RQ > 1u) { store_row(acc.r1, b, rows.y, hoff); }
     if (RQ > 2u) { store_row(acc.r2, b, rows.z, hoff); }
     if (RQ > 3u) { store_row(acc.r3, b, rows.w, hoff); }
+}
+
+//@ entry attention_backward_dkv_subgroup
+//@ tensors q:read k:read v:read dout:read lse:read delta:read dk:rw dv:rw
+//@ const D = 4u
+//@ const RQ = 4u
+//@ const CAUSAL = false
+//@ const HAS_DK = true
+//@ const HAS_DV = true
+//@ use sg_rows
+//@ use sg_dout
+// attention_backward_dkv for 8-wide subgroups and D <= ROW_MAX_D: each lane
+// owns RQ key rows (row r of lane l is row0 + r * WG + l); queries go in
+// blocks of WG, lane l loading query i0 + l (q, dO, lse, delta) and
+// subgroupShuffle handing query i0 + t to every lane.
+struct Params { sq: u32, sk: u32, heads: u32, hd: u32, scale: f32, beta_k: f32, beta_v: f32 }
+const WG: u32 = 8u;
+
+fn dk_vec(base: u32, c: u32) -> vec4<f32> {
+    if (full_chunk(c)) { return dk_load4(base + 4u * c); }
+    let ix = chunk_idx(base, c);
+    return select(vec4<f32>(), vec4<f32>(dk_load(ix.x), dk_load(ix.y), dk_load(ix.z), dk_load(ix.w)), TAIL_MASK);
+}
+fn dv_vec(base: u32, c: u32) -> vec4<f32> {
+    if (full_chunk(c)) { return dv_load4(base + 4u * c); }
+    let ix = chunk_idx(base, c);
+    return select(vec4<f32>(), vec4<f32>(dv_load(ix.x), dv_load(ix.y), dv_load(ix.z), dv_load(ix.w)), TAIL_MASK);
+}
+
+fn store_row(dk: Row, dv: Row, b: u32, row: u32, hoff: u32) {
+    if (row >= p.sk) { return; }
+    let base = (b * p.sk + row) * p.hd + hoff;
+    for (var c = 0u; c < D4; c++) {
+        if (HAS_DK) {
+            var val = row_chunk(dk, c) * p.scale;
+            if (p.beta_k != 0.0) { val += dk_vec(base, c); }
+            if (full_chunk(c)) {
+                dk_store4(base + 4u * c, val);
+            } else {
+                for (var e = 0u; e < D - 4u * c; e++) { dk_store(base + 4u * c + e, val[e]); }
+            }
+        }
+        if (HAS_DV) {
+            var val = row_chunk(dv, c);
+            if (p.beta_v != 0.0) { val += dv_vec(base, c); }
+            if (full_chunk(c)) {
+                dv_store4(base + 4u * c, val);
+            } else {
+                for (var e = 0u; e < D - 4u * c; e++) { dv_store(base + 4u * c + e, val[e]); }
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn attention_backward_dkv_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    let bh = wg.y;
+    let b = bh / p.heads;
+    let hoff = (bh % p.heads) * D;
+    let row0 = wg.x * WG * RQ;
+    let scale_log2 = p.scale * LOG2E;
+    // Rows past the end compute on a clamped row and store nothing.
+    let rows = vec4<u32>(row0 + lane) + vec4<u32>(0u, 1u, 2u, 3u) * WG;
+    var kr = Rows();
+    var vr = Rows();
+    kr.r0 = k_row(b, rows.x, hoff);
+    vr.r0 = v_row(b, rows.x, hoff);
+    if (RQ > 1u) { kr.r1 = k_row(b, rows.y, hoff); vr.r1 = v_row(b, rows.y, hoff); }
+    if (RQ > 2u) { kr.r2 = k_row(b, rows.z, hoff); vr.r2 = v_row(b, rows.z, hoff); }
+    if (RQ > 3u) { kr.r3 = k_row(b, rows.w, hoff); vr.r3 = v_row(b, rows.w, hoff); }
+    var dk = Rows();
+    var dv = Rows();
+    let one = vec4<f32>(1.0);
+    // Causal: queries before the workgroup's first key see none of its keys.
+    var i0 = 0u;
+    if (CAUSAL) { i0 = min(row0, p.sq); }
+    for (; i0 < p.sq; i0 += WG) {
+        let mine = min(i0 + lane, p.sq - 1u);
+        let ql = q_row(b, mine, hoff);
+        let dol = dout_row(b, mine, hoff);
+        let lse2l = lse_load(bh * p.sq + mine) * LOG2E;
+        let dll = delta_load(bh * p.sq + mine);
+        for (var t = 0u; t < WG; t++) {
+            let i = i0 + t;
+            let qi = row_shuffle(ql, t);
+            let doi = row_shuffle(dol, t);
+            // Key j is visible from query i when i is real and (causal) j <= i.
+            let vis = vec4<bool>(i < p.sq) & (vec4<bool>(!CAUSAL) | rows <= vec4<u32>(i));
+            let pr = select(vec4<f32>(), exp2(rows_dot(kr, qi) * scale_log2 - subgroupShuffle(lse2l, t)), vis);
+            let ds = pr * (rows_dot(vr, doi) - subgroupShuffle(dll, t));
+            if (HAS_DV) { dv = rows_fma(dv, one, pr, doi); }
+            if (HAS_DK) { dk = rows_fma(dk, one, ds, qi); }
+        }
+    }
+    store_row(dk.r0, dv.r0, b, rows.x, hoff);
+    if (RQ > 1u) { store_row(dk.r1, dv.r1, b, rows.y, hoff); }
+    if (RQ > 2u) { store_row(dk.r2, dv.r2, b, rows.z, hoff); }
+    if (RQ > 3u) { store_row(dk.r3, dv.r3, b, rows.w, hoff); }
 }
 
 //@ entry attention_backward_dkv

@@ -242,7 +242,13 @@ impl OpKernels for Attention {
         }
         let (dk, dv) = (e.grad_in(1), e.grad_in(2));
         if dk.is_some() || dv.is_some() {
-            let mut k = common(row_kernel(e, "attention_backward_dkv", self, &d, d.sk))
+            let kernel = if subgroup_rows(e, &d) {
+                let entry = "attention_backward_dkv_subgroup";
+                blocks(entry, self, &d, d.sk, SG_WIDTH, SG_ROWS)
+            } else {
+                row_kernel(e, "attention_backward_dkv", self, &d, d.sk)
+            };
+            let mut k = common(kernel)
                 .konst("HAS_DK", dk.is_some())
                 .konst("HAS_DV", dv.is_some())
                 .f32(dk.map_or(0.0, |t| t.beta()))
