@@ -127,16 +127,43 @@ fn tile(e: &Emit) -> (usize, usize, usize) {
     }
 }
 
+/// Width of the subgroup forward's workgroup (one subgroup), its query
+/// rows per lane, and the largest head dim it holds in registers
+/// (`ROW_MAX_D` in the shader).
+const SG_WIDTH: usize = 8;
+const SG_ROWS: usize = 4;
+const SG_MAX_D: usize = 64;
+
+/// Whether the `*_subgroup` kernels apply: subgroups exactly one workgroup
+/// wide (they share K/V rows by shuffles) and rows that fit their registers.
+fn subgroup_rows(e: &Emit, d: &Dims) -> bool {
+    e.caps.subgroups
+        && e.caps.subgroup_min_size == SG_WIDTH as u32
+        && e.caps.subgroup_max_size == SG_WIDTH as u32
+        && d.d <= SG_MAX_D
+}
+
 /// A kernel over row blocks: workgroup x covers `wg * rq` rows of `rows`,
 /// y is the (batch, head) pair.
-fn row_kernel(e: &Emit, entry: &'static str, a: &Attention, d: &Dims, rows: usize) -> Kernel {
-    let (wg, rq, _) = tile(e);
+fn blocks(
+    entry: &'static str,
+    a: &Attention,
+    d: &Dims,
+    rows: usize,
+    wg: usize,
+    rq: usize,
+) -> Kernel {
     Kernel::new("attention", entry)
         .konst("D", format!("{}u", d.d))
         .konst("RQ", format!("{rq}u"))
-        .konst("WG", format!("{wg}u"))
         .konst("CAUSAL", a.causal)
         .groups(rows.div_ceil(wg * rq) as u32, (d.batch * d.heads) as u32, 1)
+}
+
+/// [`blocks`] with the adapter's tile.
+fn row_kernel(e: &Emit, entry: &'static str, a: &Attention, d: &Dims, rows: usize) -> Kernel {
+    let (wg, rq, _) = tile(e);
+    blocks(entry, a, d, rows, wg, rq).konst("WG", format!("{wg}u"))
 }
 
 impl OpKernels for Attention {
@@ -146,9 +173,14 @@ impl OpKernels for Attention {
 
     fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
         let d = self.node_dims(e, i)?;
-        let (_, _, kt) = tile(e);
-        let k = row_kernel(e, "attention_forward", self, &d, d.sq)
-            .konst("KT", format!("{kt}u"))
+        let k = if subgroup_rows(e, &d) {
+            let entry = "attention_forward_subgroup";
+            blocks(entry, self, &d, d.sq, SG_WIDTH, SG_ROWS)
+        } else {
+            let (_, _, kt) = tile(e);
+            row_kernel(e, "attention_forward", self, &d, d.sq).konst("KT", format!("{kt}u"))
+        };
+        let k = k
             .bind("q", Slot::Value(i[0]))
             .bind("k", Slot::Value(i[1]))
             .bind("v", Slot::Value(i[2]))
@@ -199,14 +231,24 @@ impl OpKernels for Attention {
                 .f32(self.scale)
         };
         if let Some(dq) = e.grad_in(0) {
-            let k = common(row_kernel(e, "attention_backward_dq", self, &d, d.sq))
-                .bind("dq", dq.slot)
-                .f32(dq.beta());
+            let kernel = if subgroup_rows(e, &d) {
+                let entry = "attention_backward_dq_subgroup";
+                blocks(entry, self, &d, d.sq, SG_WIDTH, SG_ROWS)
+            } else {
+                row_kernel(e, "attention_backward_dq", self, &d, d.sq)
+            };
+            let k = common(kernel).bind("dq", dq.slot).f32(dq.beta());
             e.push(k);
         }
         let (dk, dv) = (e.grad_in(1), e.grad_in(2));
         if dk.is_some() || dv.is_some() {
-            let mut k = common(row_kernel(e, "attention_backward_dkv", self, &d, d.sk))
+            let kernel = if subgroup_rows(e, &d) {
+                let entry = "attention_backward_dkv_subgroup";
+                blocks(entry, self, &d, d.sk, SG_WIDTH, SG_ROWS)
+            } else {
+                row_kernel(e, "attention_backward_dkv", self, &d, d.sk)
+            };
+            let mut k = common(kernel)
                 .konst("HAS_DK", dk.is_some())
                 .konst("HAS_DV", dv.is_some())
                 .f32(dk.map_or(0.0, |t| t.beta()))
@@ -276,7 +318,9 @@ pub fn attention_cpu(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{check_op, check_op_all_dtypes, random, CaseInput};
+    use crate::ops::testing::{
+        check_op, check_op_all_dtypes, check_op_portable, random, CaseInput,
+    };
 
     /// Inputs of magnitude ~1..3 so the softmax is far from flat.
     fn qkv(b: usize, sq: usize, sk: usize, hd: usize) -> [CaseInput; 3] {
@@ -332,6 +376,33 @@ mod tests {
             true,
             false,
         );
+    }
+
+    #[test]
+    fn head_dims_across_register_blocks() {
+        // D = 37: three of the subgroup kernel's 4x4 blocks, the last partial.
+        check("self_b1_s11_h2_d37", (1, 11, 11, 2, 37), false, false);
+        // D = 66 > SG_MAX_D: the array kernel even with subgroups.
+        check("cross_b1_sq5_sk6_h1_d66", (1, 5, 6, 1, 66), false, false);
+    }
+
+    #[test]
+    fn portable_kernels_without_subgroups() {
+        for (name, causal) in [
+            ("portable_b2_sq9_sk13_h2_d5", false),
+            ("portable_causal", true),
+        ] {
+            let (b, sq, sk, h, d) = (2, 9, 13, 2, 5);
+            let sk = if causal { sq } else { sk };
+            let scale = 1.0 / (d as f64).sqrt();
+            let r = check_op_portable(
+                name,
+                &qkv(b, sq, sk, h * d),
+                &|g, x| g.attention(x[0], x[1], x[2], h, causal),
+                &|x| attention_cpu(&x[0], &x[1], &x[2], b, sq, sk, h, d, scale, causal),
+            );
+            println!("{name}: {r:?}");
+        }
     }
 
     #[test]
