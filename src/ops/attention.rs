@@ -400,6 +400,7 @@ mod tests {
                 &qkv(b, sq, sk, h * d),
                 &|g, x| g.attention(x[0], x[1], x[2], h, causal),
                 &|x| attention_cpu(&x[0], &x[1], &x[2], b, sq, sk, h, d, scale, causal),
+                DType::F32,
             );
             println!("{name}: {r:?}");
         }
