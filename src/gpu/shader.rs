@@ -24,6 +24,7 @@
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use std::fmt::Write;
+use std::sync::OnceLock;
 
 /// Every shader file, by name (the file stem).
 pub static SOURCES: &[(&str, &str)] = &[
@@ -221,12 +222,23 @@ impl ShaderFile {
     }
 
     /// The shader file `name` from [`SOURCES`].
-    pub fn get(name: &str) -> Result<ShaderFile> {
-        let (_, src) = SOURCES
+    /// Files are parsed once per process (a model has thousands of kernels).
+    pub fn get(name: &str) -> Result<&'static ShaderFile> {
+        static PARSED: OnceLock<Vec<Result<ShaderFile>>> = OnceLock::new();
+        let parsed = PARSED.get_or_init(|| {
+            SOURCES
+                .iter()
+                .map(|(n, src)| ShaderFile::parse(n, src))
+                .collect()
+        });
+        let i = SOURCES
             .iter()
-            .find(|(n, _)| *n == name)
+            .position(|(n, _)| *n == name)
             .ok_or_else(|| shader_err(name, "no such shader file"))?;
-        ShaderFile::parse(name, src)
+        parsed[i].as_ref().map_err(|e| match e {
+            Error::Shader { msg, .. } => shader_err(name, msg.clone()),
+            other => shader_err(name, other.to_string()),
+        })
     }
 
     pub fn entry(&self, entry: &str) -> Result<&EntryInfo> {
