@@ -95,6 +95,36 @@ fn row_chunk(r: Row, c: u32) -> vec4<f32> {
     }
 }
 
+//@ helpers qkv_chunks
+// Chunk c (4 values) of a q, k or v head row at base; zero past D and for c >= D4.
+fn q_vec(base: u32, c: u32) -> vec4<f32> {
+    if (c >= D4) { return vec4<f32>(); }
+    if (full_chunk(c)) { return q_load4(base + 4u * c); }
+    let ix = chunk_idx(base, c);
+    return select(vec4<f32>(), vec4<f32>(q_load(ix.x), q_load(ix.y), q_load(ix.z), q_load(ix.w)), TAIL_MASK);
+}
+fn k_vec(base: u32, c: u32) -> vec4<f32> {
+    if (c >= D4) { return vec4<f32>(); }
+    if (full_chunk(c)) { return k_load4(base + 4u * c); }
+    let ix = chunk_idx(base, c);
+    return select(vec4<f32>(), vec4<f32>(k_load(ix.x), k_load(ix.y), k_load(ix.z), k_load(ix.w)), TAIL_MASK);
+}
+fn v_vec(base: u32, c: u32) -> vec4<f32> {
+    if (c >= D4) { return vec4<f32>(); }
+    if (full_chunk(c)) { return v_load4(base + 4u * c); }
+    let ix = chunk_idx(base, c);
+    return select(vec4<f32>(), vec4<f32>(v_load(ix.x), v_load(ix.y), v_load(ix.z), v_load(ix.w)), TAIL_MASK);
+}
+
+//@ helpers dout_chunks
+// Chunk c of a dO head row at base, as above.
+fn dout_vec(base: u32, c: u32) -> vec4<f32> {
+    if (c >= D4) { return vec4<f32>(); }
+    if (full_chunk(c)) { return dout_load4(base + 4u * c); }
+    let ix = chunk_idx(base, c);
+    return select(vec4<f32>(), vec4<f32>(dout_load(ix.x), dout_load(ix.y), dout_load(ix.z), dout_load(ix.w)), TAIL_MASK);
+}
+
 //@ entry attention_forward
 //@ tensors q:read k:read v:read o:write lse:write
 //@ const D = 4u
@@ -102,26 +132,12 @@ fn row_chunk(r: Row, c: u32) -> vec4<f32> {
 //@ const WG = 8u
 //@ const KT = 8u
 //@ const CAUSAL = false
+//@ use qkv_chunks
 // Online softmax over tiles of KT keys: per row keep the running max m, the
 // running sum l of exp2(s - m) and acc = sum exp2(s - m) v; when the max
 // grows, rescale l and acc by exp2(m_old - m_new). O = acc / l.
 struct Params { sq: u32, sk: u32, heads: u32, hd: u32, scale_log2: f32 }
 
-fn q_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return q_load4(base + 4u * c); }
-    let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(q_load(ix.x), q_load(ix.y), q_load(ix.z), q_load(ix.w)), TAIL_MASK);
-}
-fn k_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return k_load4(base + 4u * c); }
-    let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(k_load(ix.x), k_load(ix.y), k_load(ix.z), k_load(ix.w)), TAIL_MASK);
-}
-fn v_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return v_load4(base + 4u * c); }
-    let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(v_load(ix.x), v_load(ix.y), v_load(ix.z), v_load(ix.w)), TAIL_MASK);
-}
 
 @compute @workgroup_size(WG)
 fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
@@ -227,24 +243,6 @@ fn rows_fma(acc: Rows, alpha: vec4<f32>, s: vec4<f32>, b: Row) -> Rows {
     return o;
 }
 
-fn q_vec(base: u32, c: u32) -> vec4<f32> {
-    if (c >= D4) { return vec4<f32>(); }
-    if (full_chunk(c)) { return q_load4(base + 4u * c); }
-    let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(q_load(ix.x), q_load(ix.y), q_load(ix.z), q_load(ix.w)), TAIL_MASK);
-}
-fn k_vec(base: u32, c: u32) -> vec4<f32> {
-    if (c >= D4) { return vec4<f32>(); }
-    if (full_chunk(c)) { return k_load4(base + 4u * c); }
-    let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(k_load(ix.x), k_load(ix.y), k_load(ix.z), k_load(ix.w)), TAIL_MASK);
-}
-fn v_vec(base: u32, c: u32) -> vec4<f32> {
-    if (c >= D4) { return vec4<f32>(); }
-    if (full_chunk(c)) { return v_load4(base + 4u * c); }
-    let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(v_load(ix.x), v_load(ix.y), v_load(ix.z), v_load(ix.w)), TAIL_MASK);
-}
 fn q_block(base: u32, c: u32) -> mat4x4<f32> {
     return mat4x4<f32>(q_vec(base, c), q_vec(base, c + 1u), q_vec(base, c + 2u), q_vec(base, c + 3u));
 }
@@ -315,6 +313,7 @@ fn row_shuffle(r: Row, t: u32) -> Row {
 //@ const RQ = 4u
 //@ const CAUSAL = false
 //@ use sg_rows
+//@ use qkv_chunks
 // attention_forward for adapters with 8-wide subgroups (llvmpipe) and
 // D <= ROW_MAX_D. The workgroup is one subgroup; each lane owns RQ <= 4
 // query rows (row r of lane l is row0 + r * WG + l; per-row scalars are
@@ -403,6 +402,7 @@ fn attention_forward_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(loc
 //@ tensors o:read dout:read delta:write
 //@ const D = 4u
 //@ const WG = 64u
+//@ use dout_chunks
 // delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d] (FlashAttention-2's
 // D_i = rowsum(dO o O)), one row per invocation.
 struct Params { n: u32, sq: u32, heads: u32, hd: u32 }
@@ -411,11 +411,6 @@ fn o_vec(base: u32, c: u32) -> vec4<f32> {
     if (full_chunk(c)) { return o_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
     return select(vec4<f32>(), vec4<f32>(o_load(ix.x), o_load(ix.y), o_load(ix.z), o_load(ix.w)), TAIL_MASK);
-}
-fn dout_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return dout_load4(base + 4u * c); }
-    let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(dout_load(ix.x), dout_load(ix.y), dout_load(ix.z), dout_load(ix.w)), TAIL_MASK);
 }
 
 @compute @workgroup_size(WG)
@@ -436,31 +431,13 @@ fn attention_delta(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
 //@ const RQ = 4u
 //@ const WG = 8u
 //@ const CAUSAL = false
+//@ use qkv_chunks
+//@ use dout_chunks
 // dQ_i = scale * sum_j P_ij (dP_ij - delta_i) K_j with P_ij = exp(S_ij - L_i)
 // recomputed from the saved logsumexp and dP_ij = dO_i . V_j. Each invocation
 // owns RQ query rows and streams all keys.
 struct Params { sq: u32, sk: u32, heads: u32, hd: u32, scale: f32, beta: f32 }
 
-fn q_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return q_load4(base + 4u * c); }
-    let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(q_load(ix.x), q_load(ix.y), q_load(ix.z), q_load(ix.w)), TAIL_MASK);
-}
-fn k_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return k_load4(base + 4u * c); }
-    let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(k_load(ix.x), k_load(ix.y), k_load(ix.z), k_load(ix.w)), TAIL_MASK);
-}
-fn v_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return v_load4(base + 4u * c); }
-    let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(v_load(ix.x), v_load(ix.y), v_load(ix.z), v_load(ix.w)), TAIL_MASK);
-}
-fn dout_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return dout_load4(base + 4u * c); }
-    let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(dout_load(ix.x), dout_load(ix.y), dout_load(ix.z), dout_load(ix.w)), TAIL_MASK);
-}
 fn dq_vec(base: u32, c: u32) -> vec4<f32> {
     if (full_chunk(c)) { return dq_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
@@ -532,12 +509,6 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
 
 //@ helpers sg_dout
 // dO rows as Row values for the subgroup backward kernels.
-fn dout_vec(base: u32, c: u32) -> vec4<f32> {
-    if (c >= D4) { return vec4<f32>(); }
-    if (full_chunk(c)) { return dout_load4(base + 4u * c); }
-    let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(dout_load(ix.x), dout_load(ix.y), dout_load(ix.z), dout_load(ix.w)), TAIL_MASK);
-}
 fn dout_block(base: u32, c: u32) -> mat4x4<f32> {
     return mat4x4<f32>(dout_vec(base, c), dout_vec(base, c + 1u), dout_vec(base, c + 2u), dout_vec(base, c + 3u));
 }
@@ -553,6 +524,8 @@ fn dout_row(b: u32, row: u32, hoff: u32) -> Row {
 //@ const CAUSAL = false
 //@ use sg_rows
 //@ use sg_dout
+//@ use qkv_chunks
+//@ use dout_chunks
 // attention_backward_dq for 8-wide subgroups and D <= ROW_MAX_D, laid out
 // as attention_forward_subgroup: RQ query rows per lane, key and value
 // rows shared by subgroupShuffle in blocks of WG.
@@ -622,6 +595,8 @@ fn attention_backward_dq_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin
 //@ const HAS_DV = true
 //@ use sg_rows
 //@ use sg_dout
+//@ use qkv_chunks
+//@ use dout_chunks
 // attention_backward_dkv for 8-wide subgroups and D <= ROW_MAX_D: each lane
 // owns RQ key rows (row r of lane l is row0 + r * WG + l); queries go in
 // blocks of WG, lane l loading query i0 + l (q, dO, lse, delta) and
@@ -719,30 +694,12 @@ fn attention_backward_dkv_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builti
 //@ const CAUSAL = false
 //@ const HAS_DK = true
 //@ const HAS_DV = true
+//@ use qkv_chunks
+//@ use dout_chunks
 // dV_j = sum_i P_ij dO_i and dK_j = scale * sum_i P_ij (dP_ij - delta_i) Q_i.
 // Each invocation owns RQ key rows and streams the queries that see them.
 struct Params { sq: u32, sk: u32, heads: u32, hd: u32, scale: f32, beta_k: f32, beta_v: f32 }
 
-fn q_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return q_load4(base + 4u * c); }
-    let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(q_load(ix.x), q_load(ix.y), q_load(ix.z), q_load(ix.w)), TAIL_MASK);
-}
-fn k_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return k_load4(base + 4u * c); }
-    let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(k_load(ix.x), k_load(ix.y), k_load(ix.z), k_load(ix.w)), TAIL_MASK);
-}
-fn v_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return v_load4(base + 4u * c); }
-    let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(v_load(ix.x), v_load(ix.y), v_load(ix.z), v_load(ix.w)), TAIL_MASK);
-}
-fn dout_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return dout_load4(base + 4u * c); }
-    let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(dout_load(ix.x), dout_load(ix.y), dout_load(ix.z), dout_load(ix.w)), TAIL_MASK);
-}
 fn dk_vec(base: u32, c: u32) -> vec4<f32> {
     if (full_chunk(c)) { return dk_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
