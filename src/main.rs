@@ -10,9 +10,11 @@ use difftrain::Gpu;
     name = "difftrain",
     version,
     about = "Train text-to-image latent diffusion models on any GPU (Vulkan, Metal, DX12, WebGPU).",
-    long_about = "difftrain trains SD-style UNets in VAE latent space with every kernel a WGSL \
-compute shader run through wgpu, so one code path runs on Vulkan, Metal, DX12 and browser WebGPU. \
-Without a GPU it runs on Mesa's Vulkan CPU driver (lavapipe: apt-get install mesa-vulkan-drivers)."
+    long_about = "difftrain is a trainer for SD-style UNets in VAE latent space with every kernel \
+a WGSL compute shader run through wgpu, so one code path runs on Vulkan, Metal, DX12 and browser \
+WebGPU. Without a GPU it runs on Mesa's Vulkan CPU driver (lavapipe: apt-get install \
+mesa-vulkan-drivers). This version has the GPU runtime, the op set and its benchmarks; the \
+model, training and sampling commands come next."
 )]
 struct Cli {
     /// Graphics backend(s) to use: vulkan, metal, dx12, gl, webgpu (comma separated).
