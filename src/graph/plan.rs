@@ -283,19 +283,6 @@ impl Plan {
                 }
             }
         }
-        // Requested outputs and gradients that no kernel touches (e.g. an
-        // input read back as an output) still get a buffer.
-        for &t in spec.outputs.iter().chain(&spec.grads) {
-            let (key, slot) = if spec.outputs.contains(&t) {
-                (StorageKey::Value(root(t)), Slot::Value(t))
-            } else {
-                (StorageKey::Grad(root(t)), Slot::Grad(t))
-            };
-            if let Some(&sid) = by_key.get(&key) {
-                slot_storage.insert(normalize(graph, slot), sid);
-            }
-        }
-
         // 5. Buffers: persistent storages get their own; the rest share a pool,
         // greedily by liveness (best fit, else grow the largest free buffer).
         let mut buffers: Vec<(String, u64)> = Vec::new();
