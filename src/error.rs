@@ -46,9 +46,27 @@ pub enum Error {
 
     #[error("tensor '{name}': {msg}")]
     Tensor { name: String, msg: String },
+
+    #[error("{path}: {msg}")]
+    File { path: String, msg: String },
+
+    #[error("{path}: field '{field}': {msg}")]
+    Config {
+        path: String,
+        field: String,
+        msg: String,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Shorthand for an error about a file, naming its path.
+pub fn file_err(path: &std::path::Path, msg: impl Into<String>) -> Error {
+    Error::File {
+        path: path.display().to_string(),
+        msg: msg.into(),
+    }
+}
 
 /// Shorthand for a shape error naming the op.
 pub fn shape_err(op: impl Into<String>, msg: impl Into<String>) -> Error {

@@ -2,7 +2,8 @@
 //! Every kernel is a WGSL compute shader run through wgpu by our own graph
 //! runner with hand-written backward passes.
 //!
-//! Layers, top to bottom: `graph` (trace, backward schedule, memory plan,
+//! Layers, top to bottom: `models` (UNet, CLIP, VAE in diffusers' layout),
+//! `nn` (layers with diffusers' names), `graph` (trace, backward schedule, memory plan,
 //! sessions), `ops` (one file per op: forward and backward kernels, CPU
 //! reference, tests), `gpu` (device, pipelines, shaders, readback).
 
@@ -12,6 +13,10 @@ pub mod dtype;
 pub mod error;
 pub mod gpu;
 pub mod graph;
+pub mod io;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod models;
+pub mod nn;
 pub mod ops;
 
 pub use dtype::DType;

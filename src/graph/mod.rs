@@ -37,6 +37,19 @@ pub enum Role {
     Activation,
 }
 
+/// How a freshly initialized parameter is filled (`difftrain init`): the
+/// rules torch, diffusers and transformers use.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// U(-bound, bound); torch's default for Linear and Conv weights and
+    /// biases is bound = 1 / sqrt(fan_in).
+    Uniform(f32),
+    /// N(0, std^2).
+    Normal(f32),
+    /// Every element the same (norm weights 1, biases 0).
+    Const(f32),
+}
+
 #[derive(Clone, Debug)]
 pub struct TensorDesc {
     pub name: String,
@@ -45,6 +58,8 @@ pub struct TensorDesc {
     pub role: Role,
     /// A reshape shares the storage of the tensor it was made from.
     pub alias_of: Option<TensorId>,
+    /// Parameters: how `difftrain init` fills them.
+    pub init: Init,
 }
 
 impl TensorDesc {
@@ -68,6 +83,8 @@ pub struct Graph {
     pub tensors: Vec<TensorDesc>,
     pub nodes: Vec<Node>,
     scopes: Vec<String>,
+    /// Whether [`Graph::module_param`] makes trainable parameters.
+    frozen: bool,
 }
 
 impl Graph {
@@ -90,6 +107,7 @@ impl Graph {
                 requires_grad: false,
             },
             alias_of: None,
+            init: Init::Const(0.0),
         })
     }
 
@@ -110,7 +128,35 @@ impl Graph {
             dtype: DType::F32,
             role: Role::Param { trainable: true },
             alias_of: None,
+            init: Init::Const(0.0),
         })
+    }
+
+    /// A parameter of the current module: its name is the scope path plus
+    /// `leaf` (diffusers' state-dict key, e.g. `conv_in.weight`); trainable
+    /// unless built inside [`Graph::frozen`].
+    pub fn module_param(&mut self, leaf: &str, shape: &[usize], init: Init) -> TensorId {
+        let mut name = self.scopes.join(".");
+        if !name.is_empty() {
+            name.push('.');
+        }
+        name.push_str(leaf);
+        let t = self.param(&name, shape);
+        let d = &mut self.tensors[t.0];
+        d.init = init;
+        d.role = Role::Param {
+            trainable: !self.frozen,
+        };
+        t
+    }
+
+    /// Run `f` with the module parameters it creates frozen (encoders that
+    /// are never trained).
+    pub fn frozen<R>(&mut self, f: impl FnOnce(&mut Graph) -> R) -> R {
+        let was = std::mem::replace(&mut self.frozen, true);
+        let r = f(self);
+        self.frozen = was;
+        r
     }
 
     /// A parameter that is never trained (frozen encoders).
@@ -201,6 +247,7 @@ impl Graph {
                     dtype: *dtype,
                     role: Role::Activation,
                     alias_of: None,
+                    init: Init::Const(0.0),
                 })
             })
             .collect();
@@ -230,6 +277,7 @@ impl Graph {
             dtype: d.dtype,
             role: Role::Activation,
             alias_of: Some(x),
+            init: Init::Const(0.0),
         }))
     }
 }

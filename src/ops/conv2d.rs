@@ -14,8 +14,11 @@ use crate::graph::{Emit, Graph, Kernel, OpKernels, Slot, TensorId};
 pub struct Conv2d {
     /// (height, width)
     pub stride: [usize; 2],
-    /// Zero padding on both sides, (height, width).
+    /// Zero padding before the first row and column, (height, width).
     pub padding: [usize; 2],
+    /// Zero padding after the last row and column (diffusers' VAE
+    /// downsampler pads only bottom and right).
+    pub padding_end: [usize; 2],
     pub bias: bool,
 }
 
@@ -47,17 +50,20 @@ impl Conv2d {
             ));
         }
         let [sh, sw] = self.stride;
-        let [ph, pw] = self.padding;
+        let [ph, pw] = [
+            self.padding[0] + self.padding_end[0],
+            self.padding[1] + self.padding_end[1],
+        ];
         if sh == 0 || sw == 0 || kh == 0 || kw == 0 || co == 0 {
             return Err(format!(
                 "weight {w:?} and stride {:?} must be nonzero (x {x:?})",
                 self.stride
             ));
         }
-        if h + 2 * ph < kh || wd + 2 * pw < kw {
+        if h + ph < kh || wd + pw < kw {
             return Err(format!(
-                "kernel of weight {w:?} is larger than x {x:?} padded by {:?}",
-                self.padding
+                "kernel of weight {w:?} is larger than x {x:?} padded by {:?} + {:?}",
+                self.padding, self.padding_end
             ));
         }
         Ok(Geom {
@@ -68,8 +74,8 @@ impl Conv2d {
             co,
             kh,
             kw,
-            oh: (h + 2 * ph - kh) / sh + 1,
-            ow: (wd + 2 * pw - kw) / sw + 1,
+            oh: (h + ph - kh) / sh + 1,
+            ow: (wd + pw - kw) / sw + 1,
         })
     }
 
@@ -187,12 +193,14 @@ fn emit_conv(e: &mut Emit, l: ConvLaunch) {
 
 impl Conv2d {
     /// dx = beta*dx + the data gradient: conv(dy, w transposed and flipped)
-    /// at stride 1 with padding K-1-p. A strided conv's dy is first spread
-    /// onto the stride-1 grid (`conv2d_dilate`, zeros between), of height
-    /// H + 2p - K + 1 so that the stride-1 output is exactly H.
+    /// at stride 1 with padding K-1-p before (and K-1-p_end after). A strided
+    /// conv's dy is first spread onto the stride-1 grid (`conv2d_dilate`,
+    /// zeros between), of height H + p + p_end - K + 1 so that the stride-1
+    /// output is exactly H.
     fn emit_grad_input(&self, e: &mut Emit, d: &Geom, dy: Slot, w: Slot, dx: Slot, beta: f32) {
         let [ph, pw] = self.padding;
-        let (hd, wd) = (d.h + 2 * ph + 1 - d.kh, d.w + 2 * pw + 1 - d.kw);
+        let [eh, ew] = self.padding_end;
+        let (hd, wd) = (d.h + ph + eh + 1 - d.kh, d.w + pw + ew + 1 - d.kw);
         let src = if self.stride == [1, 1] {
             dy
         } else {
@@ -309,7 +317,7 @@ impl Graph {
         stride: usize,
         padding: usize,
     ) -> Result<TensorId> {
-        self.conv2d_hw(x, weight, bias, [stride, stride], [padding, padding])
+        self.conv2d_padded(x, weight, bias, [stride, stride], [padding; 4])
     }
 
     /// [`Graph::conv2d`] with separate (height, width) stride and padding.
@@ -319,11 +327,25 @@ impl Graph {
         weight: TensorId,
         bias: Option<TensorId>,
         stride: [usize; 2],
-        padding: [usize; 2],
+        [ph, pw]: [usize; 2],
+    ) -> Result<TensorId> {
+        self.conv2d_padded(x, weight, bias, stride, [ph, pw, ph, pw])
+    }
+
+    /// [`Graph::conv2d`] with padding (top, left, bottom, right), like
+    /// `F.pad(x, (left, right, top, bottom))` followed by an unpadded conv.
+    pub fn conv2d_padded(
+        &mut self,
+        x: TensorId,
+        weight: TensorId,
+        bias: Option<TensorId>,
+        stride: [usize; 2],
+        [top, left, bottom, right]: [usize; 4],
     ) -> Result<TensorId> {
         let op = Conv2d {
             stride,
-            padding,
+            padding: [top, left],
+            padding_end: [bottom, right],
             bias: bias.is_some(),
         };
         let d = op
@@ -401,7 +423,8 @@ impl OpKernels for Conv2d {
     }
 }
 
-/// CPU reference (f64): x `[n, ci, h, w]`, weight `[co, ci, kh, kw]` -> `[n, co, oh, ow]`.
+/// CPU reference (f64): x `[n, ci, h, w]`, weight `[co, ci, kh, kw]` -> `[n, co, oh, ow]`,
+/// padding (top, left, bottom, right).
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_cpu(
     x: &[f64],
@@ -410,10 +433,10 @@ pub fn conv2d_cpu(
     [n, ci, h, w]: [usize; 4],
     [co, kh, kw]: [usize; 3],
     stride: [usize; 2],
-    padding: [usize; 2],
+    padding: [usize; 4],
 ) -> Vec<f64> {
-    let oh = (h + 2 * padding[0] - kh) / stride[0] + 1;
-    let ow = (w + 2 * padding[1] - kw) / stride[1] + 1;
+    let oh = (h + padding[0] + padding[2] - kh) / stride[0] + 1;
+    let ow = (w + padding[1] + padding[3] - kw) / stride[1] + 1;
     let mut out = vec![0.0; n * co * oh * ow];
     for b in 0..n {
         for o in 0..co {
@@ -449,13 +472,14 @@ mod tests {
     use super::*;
     use crate::ops::testing::{check_op, check_op_all_dtypes, check_op_portable, CaseInput};
 
-    /// One convolution case: x shape, (co, k), stride, padding, bias.
+    /// One convolution case: x shape, (co, k), stride, padding (top, left,
+    /// bottom, right), bias.
     struct Case {
         x: [usize; 4],
         co: usize,
         k: usize,
         stride: usize,
-        padding: usize,
+        padding: [usize; 4],
         bias: bool,
     }
 
@@ -472,11 +496,11 @@ mod tests {
         }
 
         fn build(&self, g: &mut Graph, t: &[TensorId]) -> Result<TensorId> {
-            g.conv2d(
+            g.conv2d_padded(
                 t[0],
                 t[1],
                 self.bias.then(|| t[2]),
-                self.stride,
+                [self.stride; 2],
                 self.padding,
             )
         }
@@ -489,7 +513,7 @@ mod tests {
                 self.x,
                 [self.co, self.k, self.k],
                 [self.stride; 2],
-                [self.padding; 2],
+                self.padding,
             )
         }
 
@@ -532,7 +556,7 @@ mod tests {
             co: 4,
             k: 3,
             stride: 1,
-            padding: 1,
+            padding: [1; 4],
             bias: true,
         };
         c.check_all_dtypes("conv_k3_s1_p1_bias_2x3x7x5_to_4");
@@ -545,7 +569,7 @@ mod tests {
             co: 5,
             k: 3,
             stride: 2,
-            padding: 1,
+            padding: [1; 4],
             bias: true,
         };
         c.check_all_dtypes("conv_k3_s2_p1_bias_2x3x9x7_to_5");
@@ -558,7 +582,7 @@ mod tests {
             co: 3,
             k: 3,
             stride: 1,
-            padding: 1,
+            padding: [1; 4],
             bias: false,
         };
         c.check("conv_k3_s1_p1_1x5x6x9_to_3", DType::F32);
@@ -571,7 +595,7 @@ mod tests {
             co: 17,
             k: 1,
             stride: 1,
-            padding: 0,
+            padding: [0; 4],
             bias: true,
         };
         c.check("conv_k1_s1_p0_bias_2x5x3x7_to_17", DType::F32);
@@ -584,7 +608,7 @@ mod tests {
             co: 3,
             k: 3,
             stride: 1,
-            padding: 0,
+            padding: [0; 4],
             bias: false,
         };
         c.check("conv_k3_s1_p0_2x3x6x7_to_3", DType::F32);
@@ -598,7 +622,7 @@ mod tests {
             co: 3,
             k: 5,
             stride: 1,
-            padding: 2,
+            padding: [2; 4],
             bias: false,
         };
         c.check("conv_k5_s1_p2_1x2x7x6_to_3", DType::F32);
@@ -611,7 +635,7 @@ mod tests {
             co: 4,
             k: 3,
             stride: 2,
-            padding: 0,
+            padding: [0; 4],
             bias: true,
         };
         c.check("conv_k3_s2_p0_bias_1x3x8x10_to_4", DType::F32);
@@ -625,10 +649,33 @@ mod tests {
             co: 18,
             k: 3,
             stride: 2,
-            padding: 1,
+            padding: [1; 4],
             bias: false,
         };
         c.check("conv_k3_s2_p1_1x19x5x11_to_18", DType::F32);
+    }
+
+    #[test]
+    fn asymmetric_padding() {
+        // diffusers' VAE downsampler: F.pad(x, (0, 1, 0, 1)) then a stride-2 conv.
+        let c = Case {
+            x: [2, 3, 8, 6],
+            co: 4,
+            k: 3,
+            stride: 2,
+            padding: [0, 0, 1, 1],
+            bias: true,
+        };
+        c.check("conv_k3_s2_pad0011_2x3x8x6_to_4", DType::F32);
+        let c = Case {
+            x: [1, 2, 5, 7],
+            co: 3,
+            k: 3,
+            stride: 1,
+            padding: [2, 0, 1, 3],
+            bias: false,
+        };
+        c.check("conv_k3_s1_pad2013_1x2x5x7_to_3", DType::F32);
     }
 
     #[test]
@@ -638,7 +685,7 @@ mod tests {
             co: 4,
             k: 3,
             stride: 1,
-            padding: 1,
+            padding: [1; 4],
             bias: true,
         };
         c.check_portable("conv_k3_s1_p1_bias_2x3x7x5_to_4", DType::F32);
@@ -648,7 +695,7 @@ mod tests {
             co: 18,
             k: 3,
             stride: 1,
-            padding: 1,
+            padding: [1; 4],
             bias: false,
         };
         c.check_portable("conv_k3_s1_p1_1x19x6x9_to_18", DType::F32);
@@ -657,7 +704,7 @@ mod tests {
             co: 5,
             k: 5,
             stride: 2,
-            padding: 1,
+            padding: [1; 4],
             bias: false,
         };
         c.check_portable("conv_k5_s2_p1_2x3x5x7_to_5", DType::F32);

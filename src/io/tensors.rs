@@ -1,0 +1,304 @@
+//! Reading and writing safetensors files. Values travel as f32 on the host
+//! (the runner converts to each tensor's storage dtype); files may hold f32,
+//! f16, bf16, f64 or integer tensors.
+
+use crate::error::{file_err, Error, Result};
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A tensor in host memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+    /// The dtype it had in its file (integers read exactly up to 2^24).
+    pub file_dtype: StoredDType,
+}
+
+impl HostTensor {
+    pub fn f32(shape: &[usize], values: Vec<f32>) -> HostTensor {
+        HostTensor {
+            shape: shape.to_vec(),
+            values,
+            file_dtype: StoredDType::F32,
+        }
+    }
+
+    /// Integer values (token ids) stored as int64.
+    pub fn i64(shape: &[usize], values: &[i64]) -> HostTensor {
+        HostTensor {
+            shape: shape.to_vec(),
+            values: values.iter().map(|&v| v as f32).collect(),
+            file_dtype: StoredDType::I64,
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// The element types difftrain reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoredDType {
+    F32,
+    F16,
+    BF16,
+    F64,
+    I64,
+    I32,
+}
+
+impl StoredDType {
+    fn from_file(d: Dtype) -> Option<StoredDType> {
+        Some(match d {
+            Dtype::F32 => StoredDType::F32,
+            Dtype::F16 => StoredDType::F16,
+            Dtype::BF16 => StoredDType::BF16,
+            Dtype::F64 => StoredDType::F64,
+            Dtype::I64 => StoredDType::I64,
+            Dtype::I32 => StoredDType::I32,
+            _ => return None,
+        })
+    }
+
+    fn to_file(self) -> Dtype {
+        match self {
+            StoredDType::F32 => Dtype::F32,
+            StoredDType::F16 => Dtype::F16,
+            StoredDType::BF16 => Dtype::BF16,
+            StoredDType::F64 => Dtype::F64,
+            StoredDType::I64 => Dtype::I64,
+            StoredDType::I32 => Dtype::I32,
+        }
+    }
+
+    fn decode(self, bytes: &[u8]) -> Vec<f32> {
+        fn words<const N: usize>(bytes: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
+            bytes.chunks_exact(N).map(|c| c.try_into().unwrap())
+        }
+        match self {
+            StoredDType::F32 => words(bytes).map(f32::from_le_bytes).collect(),
+            StoredDType::F16 => words(bytes)
+                .map(|w| f16::from_le_bytes(w).to_f32())
+                .collect(),
+            StoredDType::BF16 => words(bytes)
+                .map(|w| bf16::from_le_bytes(w).to_f32())
+                .collect(),
+            StoredDType::F64 => words(bytes).map(|w| f64::from_le_bytes(w) as f32).collect(),
+            StoredDType::I64 => words(bytes).map(|w| i64::from_le_bytes(w) as f32).collect(),
+            StoredDType::I32 => words(bytes).map(|w| i32::from_le_bytes(w) as f32).collect(),
+        }
+    }
+
+    fn encode(self, values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(values.len() * 8);
+        for &v in values {
+            match self {
+                StoredDType::F32 => out.extend(v.to_le_bytes()),
+                StoredDType::F16 => out.extend(f16::from_f32(v).to_le_bytes()),
+                StoredDType::BF16 => out.extend(bf16::from_f32(v).to_le_bytes()),
+                StoredDType::F64 => out.extend((v as f64).to_le_bytes()),
+                StoredDType::I64 => out.extend((v as i64).to_le_bytes()),
+                StoredDType::I32 => out.extend((v as i32).to_le_bytes()),
+            }
+        }
+        out
+    }
+}
+
+/// The tensors of one safetensors file, by name.
+#[derive(Clone, Debug, Default)]
+pub struct TensorFile {
+    pub path: PathBuf,
+    pub tensors: BTreeMap<String, HostTensor>,
+}
+
+impl TensorFile {
+    pub fn new(path: &Path) -> TensorFile {
+        TensorFile {
+            path: path.to_path_buf(),
+            tensors: BTreeMap::new(),
+        }
+    }
+
+    /// Read every tensor of `path`, converting values to f32.
+    pub fn read(path: &Path) -> Result<TensorFile> {
+        let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+            file_err(
+                path,
+                format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+            )
+        })?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.iter() {
+            let dtype = StoredDType::from_file(view.dtype()).ok_or_else(|| {
+                file_err(
+                    path,
+                    format!(
+                        "tensor '{name}' has dtype {:?}; expected F32, F16, BF16, F64, I64 or I32",
+                        view.dtype()
+                    ),
+                )
+            })?;
+            tensors.insert(
+                name.to_string(),
+                HostTensor {
+                    shape: view.shape().to_vec(),
+                    values: dtype.decode(view.data()),
+                    file_dtype: dtype,
+                },
+            );
+        }
+        Ok(TensorFile {
+            path: path.to_path_buf(),
+            tensors,
+        })
+    }
+
+    pub fn insert(&mut self, name: &str, t: HostTensor) {
+        self.tensors.insert(name.to_string(), t);
+    }
+
+    /// The tensor `name`, which must exist.
+    pub fn get(&self, name: &str) -> Result<&HostTensor> {
+        self.tensors.get(name).ok_or_else(|| Error::Tensor {
+            name: name.to_string(),
+            msg: format!(
+                "missing from {} (it has: {})",
+                self.path.display(),
+                self.names_preview()
+            ),
+        })
+    }
+
+    /// The tensor `name` if present, checked against an expected shape in
+    /// which `None` matches any size.
+    pub fn get_shaped(&self, name: &str, expected: &[Option<usize>]) -> Result<&HostTensor> {
+        let t = self.get(name)?;
+        let fits = t.shape.len() == expected.len()
+            && t.shape
+                .iter()
+                .zip(expected)
+                .all(|(&d, e)| e.is_none_or(|e| e == d));
+        if !fits {
+            let want: Vec<String> = expected
+                .iter()
+                .map(|e| e.map_or("?".to_string(), |v| v.to_string()))
+                .collect();
+            return Err(Error::Tensor {
+                name: name.to_string(),
+                msg: format!(
+                    "in {}: expected shape [{}], found {:?}",
+                    self.path.display(),
+                    want.join(", "),
+                    t.shape
+                ),
+            });
+        }
+        Ok(t)
+    }
+
+    fn names_preview(&self) -> String {
+        let names: Vec<&str> = self.tensors.keys().map(String::as_str).take(8).collect();
+        let more = self.tensors.len().saturating_sub(names.len());
+        match (names.is_empty(), more) {
+            (true, _) => "no tensors".into(),
+            (false, 0) => names.join(", "),
+            (false, n) => format!("{}, ... {n} more", names.join(", ")),
+        }
+    }
+
+    /// Write every tensor in its `file_dtype`, or in `float` for the
+    /// floating-point ones when given (the `.fp16.safetensors` variant).
+    pub fn write(&self, path: &Path, float: Option<StoredDType>) -> Result<()> {
+        let mut encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (name, t) in &self.tensors {
+            let dtype = match (t.file_dtype, float) {
+                (StoredDType::I64 | StoredDType::I32, _) | (_, None) => t.file_dtype,
+                (_, Some(f)) => f,
+            };
+            encoded.push((
+                name.clone(),
+                dtype.to_file(),
+                t.shape.clone(),
+                dtype.encode(&t.values),
+            ));
+        }
+        let views = encoded
+            .iter()
+            .map(|(name, dtype, shape, data)| {
+                safetensors::tensor::TensorView::new(*dtype, shape.clone(), data)
+                    .map(|v| (name.as_str(), v))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| file_err(path, format!("cannot encode tensors: {e}")))?;
+        let bytes = safetensors::serialize(views, None)
+            .map_err(|e| file_err(path, format!("cannot encode tensors: {e}")))?;
+        write_atomic(path, &bytes)
+    }
+}
+
+/// Write a file through a temporary beside it and a rename, so a crash
+/// never leaves a half-written file under the final name.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).map_err(|e| file_err(&tmp, format!("cannot write: {e}")))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| file_err(path, format!("cannot rename into place: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_keeps_values_and_dtypes() {
+        let dir = std::env::temp_dir().join(format!("difftrain-io-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.safetensors");
+        let mut f = TensorFile::new(&path);
+        f.insert(
+            "w",
+            HostTensor::f32(&[2, 3], vec![0.5, -1.0, 2.25, 3.0, 1e-3, 7.0]),
+        );
+        f.insert("ids", HostTensor::i64(&[3], &[49406, 0, 49407]));
+        f.write(&path, None).unwrap();
+        let back = TensorFile::read(&path).unwrap();
+        assert_eq!(back.tensors, f.tensors);
+
+        f.write(&path, Some(StoredDType::F16)).unwrap();
+        let half = TensorFile::read(&path).unwrap();
+        assert_eq!(half.get("w").unwrap().file_dtype, StoredDType::F16);
+        assert_eq!(half.get("ids").unwrap().values, vec![49406.0, 0.0, 49407.0]);
+        assert!((half.get("w").unwrap().values[4] - 1e-3).abs() < 1e-6);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_file_and_tensor() {
+        let dir = std::env::temp_dir().join(format!("difftrain-io-err-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.safetensors");
+        std::fs::write(&path, b"\x08\x00\x00\x00\x00\x00\x00\x00{}").unwrap();
+        let e = TensorFile::read(&path).unwrap_err().to_string();
+        assert!(e.contains("bad.safetensors"), "{e}");
+
+        let mut f = TensorFile::new(&path);
+        f.insert("sample", HostTensor::f32(&[1, 4], vec![0.0; 4]));
+        let e = f
+            .get_shaped("sample", &[Some(1), Some(4), None])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sample") && e.contains("[1, 4, ?]") && e.contains("[1, 4]"),
+            "{e}"
+        );
+        let e = f.get("timestep").unwrap_err().to_string();
+        assert!(e.contains("timestep") && e.contains("sample"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

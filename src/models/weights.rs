@@ -1,0 +1,124 @@
+//! Parameters between safetensors files and sessions: find a folder's weight
+//! file, load it into a session's parameters (shape-checked, by name), read
+//! parameters back for saving, and fill fresh ones the way diffusers and
+//! transformers initialize them.
+
+use crate::error::{file_err, Error, Result};
+use crate::graph::{Graph, Init, Session};
+use crate::io::{HostTensor, TensorFile};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
+
+/// The weight file of a model folder: `{stem}.safetensors`, else the
+/// `{stem}.fp16.safetensors` variant.
+pub fn weights_path(dir: &Path, stem: &str) -> Result<PathBuf> {
+    let full = dir.join(format!("{stem}.safetensors"));
+    let half = dir.join(format!("{stem}.fp16.safetensors"));
+    if full.exists() {
+        Ok(full)
+    } else if half.exists() {
+        Ok(half)
+    } else {
+        Err(file_err(
+            dir,
+            format!("no {stem}.safetensors (or {stem}.fp16.safetensors) in this folder"),
+        ))
+    }
+}
+
+/// Write every parameter of the session's graph from `file`, matching by
+/// name and checking shapes. Tensors of the file the graph does not use are
+/// listed in a warning (diffusers warns likewise); a missing one is an error.
+pub fn load_params(s: &Session, file: &TensorFile) -> Result<()> {
+    let g = &s.graph;
+    let mut missing = Vec::new();
+    for p in g.params() {
+        let d = g.desc(p);
+        let Some(t) = file.tensors.get(&d.name) else {
+            missing.push(d.name.clone());
+            continue;
+        };
+        if t.shape != d.shape {
+            return Err(Error::Tensor {
+                name: d.name.clone(),
+                msg: format!(
+                    "in {}: expected shape {:?} (from the config), found {:?}",
+                    file.path.display(),
+                    d.shape,
+                    t.shape
+                ),
+            });
+        }
+        s.write(p, &t.values)?;
+    }
+    if !missing.is_empty() {
+        let n = missing.len();
+        missing.truncate(5);
+        return Err(file_err(
+            &file.path,
+            format!(
+                "{n} parameter(s) the config needs are missing, e.g. {}",
+                missing.join(", ")
+            ),
+        ));
+    }
+    let used: std::collections::HashSet<&str> = g
+        .params()
+        .iter()
+        .map(|&p| g.desc(p).name.as_str())
+        .collect();
+    let unused: Vec<&String> = file
+        .tensors
+        .keys()
+        .filter(|k| !used.contains(k.as_str()))
+        .collect();
+    if !unused.is_empty() {
+        log::warn!(
+            "{}: {} tensor(s) not used by the model, e.g. {}",
+            file.path.display(),
+            unused.len(),
+            unused[0]
+        );
+    }
+    Ok(())
+}
+
+/// Every parameter of the session read back, named as in the graph.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn read_params(s: &Session, path: &Path) -> Result<TensorFile> {
+    let g = &s.graph;
+    let mut out = TensorFile::new(path);
+    for p in g.params() {
+        let d = g.desc(p);
+        out.insert(&d.name, HostTensor::f32(&d.shape, s.read_blocking(p)?));
+    }
+    Ok(out)
+}
+
+/// Fresh parameters for every parameter of `g`, following each one's
+/// [`Init`]; parameter k draws from ChaCha8 stream k of `seed`, so a
+/// parameter's values don't depend on how many came before it.
+pub fn init_params(g: &Graph, seed: u64, path: &Path) -> TensorFile {
+    let mut out = TensorFile::new(path);
+    for (k, p) in g.params().into_iter().enumerate() {
+        let d = g.desc(p);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(k as u64);
+        let n = d.numel();
+        let values: Vec<f32> = match d.init {
+            Init::Const(v) => vec![v; n],
+            Init::Uniform(b) => (0..n).map(|_| rng.random_range(-b..=b)).collect(),
+            Init::Normal(std) => (0..n).map(|_| std * standard_normal(&mut rng)).collect(),
+        };
+        out.insert(&d.name, HostTensor::f32(&d.shape, values));
+    }
+    out
+}
+
+/// One N(0, 1) sample (Box-Muller).
+pub fn standard_normal(rng: &mut impl Rng) -> f32 {
+    let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
+    let u2: f64 = rng.random();
+    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+}
