@@ -105,6 +105,30 @@ fn scale_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     y_store(i, v);
 }
 
+//@ entry clamp_forward
+//@ tensors x:read y:write
+struct Params { n: u32, lo: f32, hi: f32 }
+@compute @workgroup_size(WG)
+fn clamp_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_id(gid, nwg, WG);
+    if (i >= p.n) { return; }
+    y_store(i, clamp(x_load(i), p.lo, p.hi));
+}
+
+//@ entry clamp_backward
+//@ tensors x:read dy:read dx:rw
+// torch.clamp's gradient: dy where lo <= x <= hi, else 0.
+struct Params { n: u32, lo: f32, hi: f32, beta: f32 }
+@compute @workgroup_size(WG)
+fn clamp_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_id(gid, nwg, WG);
+    if (i >= p.n) { return; }
+    let x = x_load(i);
+    var g = select(0.0, dy_load(i), x >= p.lo && x <= p.hi);
+    if (p.beta != 0.0) { g += dx_load(i); }
+    dx_store(i, g);
+}
+
 //@ entry geglu_forward
 //@ tensors x:read y:write
 // x: (rows, 2 * d) = [hidden | gate]; y: (rows, d) = hidden * gelu(gate)

@@ -5,7 +5,7 @@
 //! lands near 1e-6, so these leave room for a different summation order only.
 
 use difftrain::io::TensorFile;
-use difftrain::models::forward::unet_forward;
+use difftrain::models::forward::{text_encoder_forward, unet_forward};
 use difftrain::Gpu;
 use std::path::{Path, PathBuf};
 
@@ -72,4 +72,40 @@ fn unet_linear_projection_matches_diffusers() {
 #[test]
 fn unet_conv_projection_matches_diffusers() {
     check_unet("unet_conv");
+}
+
+fn check_clip(name: &str) {
+    let gpu = Gpu::new_blocking(&Default::default()).unwrap();
+    let dir = fixture(name);
+    let expected = TensorFile::read(&dir.join("expected.safetensors")).unwrap();
+    let ids = expected.get("input_ids").unwrap();
+    for (skip, key) in [(0, "last_hidden_state"), (1, "clip_skip_1")] {
+        let got = text_encoder_forward(&gpu, &dir, ids, skip).unwrap();
+        let want = expected.get(key).unwrap();
+        assert_eq!(got.shape, want.shape);
+        let err = rel_l2(&got.values, &want.values);
+        println!("{name} {key}: relative L2 error {err:.3e}");
+        assert!(err <= 1e-4, "{name} {key}: {err:.3e}");
+    }
+}
+
+#[test]
+fn clip_quick_gelu_matches_transformers() {
+    check_clip("clip_quick_gelu");
+}
+
+#[test]
+fn clip_gelu_matches_transformers() {
+    check_clip("clip_gelu");
+}
+
+#[test]
+fn vae_matches_diffusers() {
+    let gpu = Gpu::new_blocking(&Default::default()).unwrap();
+    let dir = fixture("vae");
+    let inputs = TensorFile::read(&dir.join("inputs.safetensors")).unwrap();
+    let expected = TensorFile::read(&dir.join("expected.safetensors")).unwrap();
+    let got = difftrain::models::forward::vae_forward(&gpu, &dir, &inputs).unwrap();
+    assert_eq!(got.tensors.len(), 3);
+    compare(&got, &expected, 1e-4, 0.0);
 }

@@ -57,6 +57,8 @@ op_enum! {
     Scale(ops::elementwise::Scale),
     /// hidden * gelu(gate) over the two halves of the last dim.
     Geglu(ops::elementwise::Geglu),
+    /// torch.clamp(x, lo, hi)
+    Clamp(ops::elementwise::Clamp),
     // matmul
     /// Batched matmul with optional transposes and bias.
     Matmul(ops::matmul::Matmul),

@@ -2,9 +2,11 @@
 //! traces its forward pass into a graph with diffusers' / transformers'
 //! parameter names, and loads and saves its safetensors weights unchanged.
 
+pub mod clip;
 pub mod forward;
 pub mod unet;
 pub mod unet_config;
+pub mod vae;
 pub mod weights;
 
 pub use unet::UNet;

@@ -28,8 +28,7 @@ pub fn weights_path(dir: &Path, stem: &str) -> Result<PathBuf> {
 }
 
 /// Write every parameter of the session's graph from `file`, matching by
-/// name and checking shapes. Tensors of the file the graph does not use are
-/// listed in a warning (diffusers warns likewise); a missing one is an error.
+/// name and checking shapes; a parameter missing from the file is an error.
 pub fn load_params(s: &Session, file: &TensorFile) -> Result<()> {
     let g = &s.graph;
     let mut missing = Vec::new();
@@ -52,17 +51,23 @@ pub fn load_params(s: &Session, file: &TensorFile) -> Result<()> {
         }
         s.write(p, &t.values)?;
     }
-    if !missing.is_empty() {
-        let n = missing.len();
-        missing.truncate(5);
-        return Err(file_err(
-            &file.path,
-            format!(
-                "{n} parameter(s) the config needs are missing, e.g. {}",
-                missing.join(", ")
-            ),
-        ));
+    if missing.is_empty() {
+        return Ok(());
     }
+    let n = missing.len();
+    missing.truncate(5);
+    Err(file_err(
+        &file.path,
+        format!(
+            "{n} parameter(s) the config needs are missing, e.g. {}",
+            missing.join(", ")
+        ),
+    ))
+}
+
+/// Warn about tensors of `file` that no parameter of `g` uses (diffusers
+/// warns likewise): usually a file of another model or config.
+pub fn warn_unused(g: &Graph, file: &TensorFile) {
     let used: std::collections::HashSet<&str> = g
         .params()
         .iter()
@@ -73,15 +78,13 @@ pub fn load_params(s: &Session, file: &TensorFile) -> Result<()> {
         .keys()
         .filter(|k| !used.contains(k.as_str()))
         .collect();
-    if !unused.is_empty() {
+    if let Some(first) = unused.first() {
         log::warn!(
-            "{}: {} tensor(s) not used by the model, e.g. {}",
+            "{}: {} tensor(s) not used by the model, e.g. {first}",
             file.path.display(),
-            unused.len(),
-            unused[0]
+            unused.len()
         );
     }
-    Ok(())
 }
 
 /// Every parameter of the session read back, named as in the graph.

@@ -89,6 +89,13 @@ pub struct Scale {
 #[derive(Clone, Debug)]
 pub struct Geglu;
 
+/// `torch.clamp(x, lo, hi)`; the gradient passes where lo <= x <= hi.
+#[derive(Clone, Debug)]
+pub struct Clamp {
+    pub lo: f32,
+    pub hi: f32,
+}
+
 impl Graph {
     pub fn activation(&mut self, x: TensorId, act: Activation) -> TensorId {
         let (s, d) = (self.shape(x).to_vec(), self.dtype(x));
@@ -116,6 +123,11 @@ impl Graph {
             .map_err(|m| shape_err(format!("{kind:?}").to_lowercase(), m))?;
         let (s, d) = (self.shape(a).to_vec(), self.dtype(a));
         Ok(self.add_node(Binary { kind }.into(), &[a, b], &[(s, d)])[0])
+    }
+
+    pub fn clamp(&mut self, x: TensorId, lo: f32, hi: f32) -> TensorId {
+        let (sh, d) = (self.shape(x).to_vec(), self.dtype(x));
+        self.add_node(Clamp { lo, hi }.into(), &[x], &[(sh, d)])[0]
     }
 
     pub fn scale(&mut self, x: TensorId, s: f32) -> TensorId {
@@ -395,6 +407,44 @@ impl OpKernels for Scale {
     }
 }
 
+impl OpKernels for Clamp {
+    fn kind(&self) -> &'static str {
+        "clamp"
+    }
+
+    fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
+        let n = e.numel(o[0]);
+        e.push(
+            Kernel::new("elementwise", "clamp_forward")
+                .bind("x", Slot::Value(i[0]))
+                .bind("y", Slot::Value(o[0]))
+                .u32(n)
+                .f32(self.lo)
+                .f32(self.hi)
+                .groups_1d(n, WG),
+        );
+        Ok(())
+    }
+
+    fn backward(&self, e: &mut Emit, i: &[TensorId], _o: &[TensorId]) -> Result<()> {
+        if let (Some(dy), Some(dx)) = (e.grad_out(0), e.grad_in(0)) {
+            let n = e.numel(i[0]);
+            e.push(
+                Kernel::new("elementwise", "clamp_backward")
+                    .bind("x", Slot::Value(i[0]))
+                    .bind("dy", dy)
+                    .bind("dx", dx.slot)
+                    .u32(n)
+                    .f32(self.lo)
+                    .f32(self.hi)
+                    .f32(dx.beta())
+                    .groups_1d(n, WG),
+            );
+        }
+        Ok(())
+    }
+}
+
 impl OpKernels for Geglu {
     fn kind(&self) -> &'static str {
         "geglu"
@@ -461,6 +511,24 @@ mod tests {
                 f(a[i], b[bi])
             })
             .collect()
+    }
+
+    #[test]
+    fn clamp_matches_torch_and_masks_the_gradient() {
+        // Values spread over [-2, 2]; none within the finite-difference step
+        // of a bound, where the gradient jumps.
+        let values: Vec<f32> = crate::ops::testing::random(3 * 11, 7)
+            .iter()
+            .map(|v| 2.0 * v)
+            .filter(|v| (v + 0.5).abs() > 0.02 && (v - 0.75).abs() > 0.02)
+            .collect();
+        let n = values.len();
+        check_op_all_dtypes(
+            "clamp",
+            &[CaseInput::act(&[n]).values(values)],
+            &|g, t| Ok(g.clamp(t[0], -0.5, 0.75)),
+            &|v| v[0].iter().map(|x| x.clamp(-0.5, 0.75)).collect(),
+        );
     }
 
     #[test]
