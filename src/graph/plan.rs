@@ -372,12 +372,12 @@ fn check_binding(
     let tensor = match b.window {
         Some(w) => {
             let align = caps.storage_offset_alignment.max(4);
-            if w.numel == 0 || w.first + w.numel > s.numel || !offset.is_multiple_of(align) {
+            if w.first + w.numel > s.numel || !offset.is_multiple_of(align) {
                 return Err(Error::Tensor {
                     name: s.label.clone(),
                     msg: format!(
                         "{} ({}::{}) binds elements {}..{} of its {} at byte offset {offset}; \
-                         a window must be non-empty, inside the tensor and aligned to {align} bytes",
+                         a window must lie inside the tensor at a multiple of {align} bytes",
                         k.node,
                         k.shader,
                         k.entry,
