@@ -54,22 +54,30 @@ fn timestep_embedding(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
 
 //@ entry embedding_forward
 //@ tensors ids:read table:read y:write
-// y[pos, c] = table[token_row(ids[pos]), c]; four consecutive outputs per
-// invocation (one vec4 store), the tail one by one.
-struct Params { n: u32, d: u32, rows: u32 }
+// y[pos, c] = table[token_row(ids[pos]), c] for the positions whose row lies
+// in the bound window of the table, rows [first, first + wrows) (the whole
+// table unless it exceeds a binding); four consecutive outputs per invocation
+// (one vec4 store when all four are in the window), the rest one by one.
+struct Params { n: u32, d: u32, rows: u32, first: u32, wrows: u32 }
 @compute @workgroup_size(WG)
 fn embedding_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let j0 = flat_id(gid, nwg, WG) * 4u;
     if (j0 >= p.n) { return; }
     var v = vec4<f32>(0.0);
+    var mine = vec4<bool>(false);
     for (var k = 0u; k < 4u; k++) {
         let j = min(j0 + k, p.n - 1u);
-        v[k] = table_load(token_row(ids_load(j / p.d), p.rows) * p.d + j % p.d);
+        let row = token_row(ids_load(j / p.d), p.rows);
+        mine[k] = row >= p.first && row - p.first < p.wrows && j0 + k < p.n;
+        let local = clamp(row, p.first, p.first + p.wrows - 1u) - p.first;
+        v[k] = table_load(local * p.d + j % p.d);
     }
-    if (j0 + 4u <= p.n) {
+    if (all(mine)) {
         y_store4(j0, v);
     } else {
-        for (var k = 0u; j0 + k < p.n; k++) { y_store(j0 + k, v[k]); }
+        for (var k = 0u; k < 4u; k++) {
+            if (mine[k]) { y_store(j0 + k, v[k]); }
+        }
     }
 }
 
@@ -77,13 +85,15 @@ fn embedding_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
 //@ tensors ids:read dy:read dtable:rw
 // dtable[row, c..c+3] = beta * dtable[..] + sum over positions pos with
 // token_row(ids[pos]) == row of dy[pos, c..c+3], scanning positions in order
-// (deterministic, no atomics). One invocation per 4 columns of a row.
-struct Params { npos: u32, d: u32, rows: u32, chunks: u32, beta: f32 }
+// (deterministic, no atomics). One invocation per 4 columns of a row of the
+// bound window of dtable, rows [first, first + wrows).
+struct Params { npos: u32, d: u32, rows: u32, chunks: u32, beta: f32, first: u32, wrows: u32 }
 @compute @workgroup_size(WG)
 fn embedding_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_id(gid, nwg, WG);
-    if (i >= p.rows * p.chunks) { return; }
-    let row = i / p.chunks;
+    if (i >= p.wrows * p.chunks) { return; }
+    let local = i / p.chunks;
+    let row = p.first + local;
     let c = (i % p.chunks) * 4u;
     let width = min(4u, p.d - c);
     var acc = vec4<f32>(0.0);
@@ -96,7 +106,7 @@ fn embedding_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
             for (var k = 0u; k < width; k++) { acc[k] += dy_load(base + k); }
         }
     }
-    let o = row * p.d + c;
+    let o = local * p.d + c;
     if (width == 4u) {
         if (p.beta != 0.0) { acc += dtable_load4(o); }
         dtable_store4(o, acc);

@@ -29,6 +29,14 @@ impl DType {
         raw.div_ceil(16).max(1) * 16
     }
 
+    /// Byte offset and size of a binding over elements [first, first + numel)
+    /// of a buffer. The end is padded like [`DType::buffer_bytes`], so a window
+    /// that ends where its storage ends covers the same tail.
+    pub fn window_bytes(self, first: usize, numel: usize) -> (u64, u64) {
+        let offset = (first * self.size_bytes()) as u64;
+        (offset, self.buffer_bytes(first + numel) - offset)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
@@ -112,5 +120,13 @@ mod tests {
         assert_eq!(DType::F16.buffer_bytes(3), 16);
         assert_eq!(DType::F32.buffer_bytes(5), 32);
         assert_eq!(DType::BF16.buffer_bytes(0), 16);
+    }
+
+    #[test]
+    fn window_bytes_pad_the_end() {
+        assert_eq!(DType::F32.window_bytes(0, 5), (0, 32));
+        assert_eq!(DType::F32.window_bytes(64, 7), (256, 32));
+        // 16-bit: two elements per word.
+        assert_eq!(DType::F16.window_bytes(128, 3), (256, 16));
     }
 }

@@ -26,11 +26,25 @@ pub enum Error {
         msg: String,
     },
 
+    /// A kernel binds more of a tensor than one binding may cover: the op does
+    /// not split that tensor into windows (or cannot split it finer).
     #[error(
-        "{op}: tensor '{tensor}' {shape:?} needs {bytes} bytes, above this adapter's \
-         max storage binding of {limit} bytes"
+        "{op}: tensor '{tensor}' {shape:?} needs {bytes} bytes in one binding, above this \
+         adapter's max storage binding of {limit} bytes"
     )]
     BindingTooLarge {
+        op: String,
+        tensor: String,
+        shape: Vec<usize>,
+        bytes: u64,
+        limit: u64,
+    },
+
+    #[error(
+        "{op}: tensor '{tensor}' {shape:?} needs a buffer of {bytes} bytes, above this \
+         adapter's max buffer size of {limit} bytes"
+    )]
+    BufferTooLarge {
         op: String,
         tensor: String,
         shape: Vec<usize>,

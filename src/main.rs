@@ -96,6 +96,10 @@ fn info(choice: &AdapterChoice) -> Result<()> {
     );
     println!("  max buffer size: {} MiB", l.max_buffer_size >> 20);
     println!(
+        "  storage binding offset alignment: {} bytes",
+        l.min_storage_buffer_offset_alignment
+    );
+    println!(
         "  max storage buffers per stage: {}",
         l.max_storage_buffers_per_shader_stage
     );

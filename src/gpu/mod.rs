@@ -27,6 +27,13 @@ pub struct Capabilities {
     pub subgroup_max_size: u32,
     /// Whether the adapter is a CPU implementation (llvmpipe, SwiftShader, WARP).
     pub is_cpu: bool,
+    /// The most bytes one storage binding may cover. A storage above it is
+    /// bound in windows by the ops that can (see `Emit::windows`).
+    pub max_binding_bytes: u64,
+    /// The largest buffer the device creates.
+    pub max_buffer_bytes: u64,
+    /// Byte offsets of storage bindings are multiples of this.
+    pub storage_offset_alignment: u64,
 }
 
 /// A device, its queue and everything cached on it. Cheap to clone.
@@ -68,6 +75,11 @@ impl Gpu {
             subgroup_min_size: info.subgroup_min_size,
             subgroup_max_size: info.subgroup_max_size,
             is_cpu: info.device_type == wgpu::DeviceType::Cpu,
+            max_binding_bytes: limits
+                .max_storage_buffer_binding_size
+                .min(limits.max_buffer_size),
+            max_buffer_bytes: limits.max_buffer_size,
+            storage_offset_alignment: limits.min_storage_buffer_offset_alignment as u64,
         };
         Ok(Gpu {
             pipelines: Arc::new(PipelineCache::new(device.clone(), caps.clone())),
@@ -88,9 +100,7 @@ impl Gpu {
 
     /// The largest buffer one binding may cover.
     pub fn max_binding_bytes(&self) -> u64 {
-        self.limits
-            .max_storage_buffer_binding_size
-            .min(self.limits.max_buffer_size)
+        self.caps.max_binding_bytes
     }
 
     /// A storage buffer that kernels read and write and the host can copy from.

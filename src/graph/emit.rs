@@ -18,6 +18,22 @@ pub enum Slot {
     Persistent(usize),
 }
 
+/// Elements [first, first + numel) of a storage that one binding covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub first: usize,
+    pub numel: usize,
+}
+
+/// A header tensor bound to a slot: the whole storage, or a window of it
+/// (the kernel then indexes from the window's first element).
+#[derive(Clone, Copy, Debug)]
+pub struct Binding {
+    pub name: &'static str,
+    pub slot: Slot,
+    pub window: Option<Window>,
+}
+
 /// One compute dispatch.
 #[derive(Clone, Debug)]
 pub struct Kernel {
@@ -26,8 +42,8 @@ pub struct Kernel {
     pub consts: Vec<(&'static str, String)>,
     /// Words of the `Params` uniform, in field order.
     pub params: Vec<u32>,
-    /// Header tensor name -> slot. A header tensor left unbound gets a dummy.
-    pub bindings: Vec<(&'static str, Slot)>,
+    /// Header tensors and what they bind. A header tensor left unbound gets a dummy.
+    pub bindings: Vec<Binding>,
     pub workgroups: [u32; 3],
     /// The node this dispatch belongs to, for labels and errors.
     pub node: String,
@@ -47,7 +63,21 @@ impl Kernel {
     }
 
     pub fn bind(mut self, name: &'static str, slot: Slot) -> Kernel {
-        self.bindings.push((name, slot));
+        self.bindings.push(Binding {
+            name,
+            slot,
+            window: None,
+        });
+        self
+    }
+
+    /// Bind only `window` of the slot's storage (from [`Emit::windows`]).
+    pub fn bind_window(mut self, name: &'static str, slot: Slot, window: Window) -> Kernel {
+        self.bindings.push(Binding {
+            name,
+            slot,
+            window: Some(window),
+        });
         self
     }
 
@@ -193,6 +223,40 @@ impl<'g> Emit<'g> {
         Slot::Persistent(self.persistents.len() - 1)
     }
 
+    /// Windows over a storage of `numel` elements of `dtype`, in order, each
+    /// whole rows of `row` elements (the last row may be partial), within the
+    /// adapter's binding limit and starting at an aligned byte offset. One
+    /// window of everything when the storage fits one binding; also when rows
+    /// cannot be split that finely, and the planner then reports the binding
+    /// as too large. An op binds each with [`Kernel::bind_window`] and launches
+    /// once per window, so storages that fit cost nothing extra.
+    pub fn windows(&self, dtype: DType, numel: usize, row: usize) -> Vec<Window> {
+        let whole = vec![Window { first: 0, numel }];
+        let limit = self.caps.max_binding_bytes;
+        let row_bytes = (row * dtype.size_bytes()) as u64;
+        if dtype.buffer_bytes(numel) <= limit || row_bytes == 0 {
+            return whole;
+        }
+        // Windows start every `step` rows: the fewest rows filling a multiple
+        // of the offset alignment (taken as at least 16 bytes, so a window's
+        // 16-byte padded end, see `DType::window_bytes`, stays in its rows).
+        let align = self.caps.storage_offset_alignment.max(16);
+        let step = align / gcd(row_bytes, align);
+        // A window of r rows binds r * row_bytes rounded up to 16 bytes.
+        let rows = (limit / 16 * 16) / row_bytes / step * step;
+        if rows == 0 {
+            return whole;
+        }
+        let per = rows as usize * row;
+        (0..numel)
+            .step_by(per)
+            .map(|first| Window {
+                first,
+                numel: per.min(numel - first),
+            })
+            .collect()
+    }
+
     /// The gradient of output `k` of the current node, if anything downstream
     /// produced one.
     pub fn grad_out(&self, k: usize) -> Option<Slot> {
@@ -202,5 +266,76 @@ impl<'g> Emit<'g> {
     /// Where the gradient of input `k` goes, if that input needs one.
     pub fn grad_in(&self, k: usize) -> Option<GradTarget> {
         self.grad_ins.get(k).copied().flatten()
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(max_binding_bytes: u64, storage_offset_alignment: u64) -> Capabilities {
+        Capabilities {
+            shader_f16: false,
+            subgroups: false,
+            subgroup_min_size: 0,
+            subgroup_max_size: 0,
+            is_cpu: false,
+            max_binding_bytes,
+            max_buffer_bytes: u64::MAX,
+            storage_offset_alignment,
+        }
+    }
+
+    /// Windows cover the storage in order, in whole rows, each within the
+    /// limit at an aligned byte offset.
+    #[test]
+    fn windows_cover_in_aligned_whole_rows_within_the_limit() {
+        let g = Graph::new();
+        for (limit, align, dtype, numel, row) in [
+            (2048, 256, DType::F32, 203 * 7, 7),
+            (2048, 256, DType::F16, 300 * 7, 7),
+            (4096, 16, DType::BF16, 1001 * 10, 10),
+            (1024, 256, DType::F32, 601, 256),
+            (128 << 20, 256, DType::F32, 49408 * 768, 768),
+        ] {
+            let c = caps(limit, align);
+            let e = Emit::new(&g, &c);
+            let ws = e.windows(dtype, numel, row);
+            let case = format!("{dtype} {numel}/{row} under {limit}");
+            assert!(ws.len() > 1, "{case}: {ws:?}");
+            let mut next = 0;
+            for w in &ws {
+                assert_eq!(w.first, next, "{case}: {ws:?}");
+                let (offset, bytes) = dtype.window_bytes(w.first, w.numel);
+                assert!(
+                    offset.is_multiple_of(align) && w.first % row == 0,
+                    "{case}: {w:?}"
+                );
+                assert!(bytes <= limit, "{case}: {w:?} binds {bytes}");
+                next += w.numel;
+            }
+            assert_eq!(next, numel, "{case}");
+        }
+    }
+
+    #[test]
+    fn storage_that_fits_or_cannot_split_is_one_window() {
+        let g = Graph::new();
+        let c = caps(2048, 256);
+        let e = Emit::new(&g, &c);
+        let whole = |numel| vec![Window { first: 0, numel }];
+        assert_eq!(e.windows(DType::F32, 512, 7), whole(512));
+        // One row of 600 f32 is above the limit.
+        assert_eq!(e.windows(DType::F32, 1800, 600), whole(1800));
+        // Rows of 1028 bytes: aligned starts every 64 rows, far above the limit.
+        assert_eq!(e.windows(DType::F32, 2570, 257), whole(2570));
     }
 }

@@ -8,7 +8,7 @@ mod op;
 mod plan;
 mod session;
 
-pub use emit::{Emit, Kernel, Slot};
+pub use emit::{Binding, Emit, Kernel, Slot, Window};
 pub use op::{Op, OpKernels};
 pub use plan::{AdamW, Plan, RunSpec, StepStats};
 pub use session::Session;

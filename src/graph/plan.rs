@@ -2,7 +2,7 @@
 //! schedule derived in reverse, optimizer kernels, and buffers assigned to
 //! every slot by liveness.
 
-use super::emit::{Emit, ExtraDesc, GradTarget, Kernel, Slot};
+use super::emit::{Binding, Emit, ExtraDesc, GradTarget, Kernel, Slot, Window};
 use super::{Graph, Role, TensorId};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -67,6 +67,18 @@ pub struct StorageDesc {
     pub buffer: usize,
 }
 
+impl StorageDesc {
+    /// Byte offset and size in its buffer of a binding of `window` of this
+    /// storage (`None`: all of it).
+    pub fn extent(&self, window: Option<Window>) -> (u64, u64) {
+        let w = window.unwrap_or(Window {
+            first: 0,
+            numel: self.numel,
+        });
+        self.dtype.window_bytes(w.first, w.numel)
+    }
+}
+
 /// Figures per step, reported by benches and `difftrain` commands.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StepStats {
@@ -105,12 +117,9 @@ enum StorageKey {
 }
 
 impl Plan {
-    pub fn build(
-        graph: &Graph,
-        caps: &Capabilities,
-        spec: &RunSpec,
-        max_binding: u64,
-    ) -> Result<Plan> {
+    /// Plan `spec` on `graph` for a device with `caps` (whose binding and
+    /// buffer limits every binding and buffer is checked against).
+    pub fn build(graph: &Graph, caps: &Capabilities, spec: &RunSpec) -> Result<Plan> {
         let mut e = Emit::new(graph, caps);
         let mut stats = StepStats::default();
 
@@ -216,7 +225,8 @@ impl Plan {
             buffer: 0,
         };
         for (ki, k) in kernels.iter().enumerate() {
-            for &(_, slot) in &k.bindings {
+            for b in &k.bindings {
+                let slot = b.slot;
                 let key = match slot {
                     Slot::Value(t) => StorageKey::Value(root(t)),
                     Slot::Grad(t) => match grad_alias.get(&root(t)) {
@@ -268,19 +278,7 @@ impl Plan {
                 let s = &mut storages[sid];
                 s.first = s.first.min(ki);
                 s.last = s.last.max(ki);
-                let bytes = s.dtype.buffer_bytes(s.numel);
-                if bytes > max_binding {
-                    return Err(Error::BindingTooLarge {
-                        op: k.node.clone(),
-                        tensor: s.label.clone(),
-                        shape: match slot {
-                            Slot::Value(t) | Slot::Grad(t) => graph.shape(t).to_vec(),
-                            _ => vec![s.numel],
-                        },
-                        bytes,
-                        limit: max_binding,
-                    });
-                }
+                check_binding(graph, caps, k, b, s)?;
             }
         }
         // 5. Buffers: persistent storages get their own; the rest share a pool,
@@ -344,6 +342,65 @@ impl Plan {
             trained_params,
         })
     }
+}
+
+/// Check one binding of kernel `k` against the storage `s` it binds and the
+/// device's limits: the window lies inside the storage at an aligned offset,
+/// the bound bytes fit one binding and the storage fits one buffer.
+fn check_binding(
+    graph: &Graph,
+    caps: &Capabilities,
+    k: &Kernel,
+    b: &Binding,
+    s: &StorageDesc,
+) -> Result<()> {
+    let shape = match b.slot {
+        Slot::Value(t) | Slot::Grad(t) => graph.shape(t).to_vec(),
+        _ => vec![s.numel],
+    };
+    let buffer = s.dtype.buffer_bytes(s.numel);
+    if buffer > caps.max_buffer_bytes {
+        return Err(Error::BufferTooLarge {
+            op: k.node.clone(),
+            tensor: s.label.clone(),
+            shape,
+            bytes: buffer,
+            limit: caps.max_buffer_bytes,
+        });
+    }
+    let (offset, bytes) = s.extent(b.window);
+    let tensor = match b.window {
+        Some(w) => {
+            let align = caps.storage_offset_alignment.max(4);
+            if w.first + w.numel > s.numel || !offset.is_multiple_of(align) {
+                return Err(Error::Tensor {
+                    name: s.label.clone(),
+                    msg: format!(
+                        "{} ({}::{}) binds elements {}..{} of its {} at byte offset {offset}; \
+                         a window must lie inside the tensor at a multiple of {align} bytes",
+                        k.node,
+                        k.shader,
+                        k.entry,
+                        w.first,
+                        w.first + w.numel,
+                        s.numel
+                    ),
+                });
+            }
+            format!("{} elements {}..{}", s.label, w.first, w.first + w.numel)
+        }
+        None => s.label.clone(),
+    };
+    if bytes > caps.max_binding_bytes {
+        return Err(Error::BindingTooLarge {
+            op: k.node.clone(),
+            tensor,
+            shape,
+            bytes,
+            limit: caps.max_binding_bytes,
+        });
+    }
+    Ok(())
 }
 
 /// The slot of a tensor's storage root: a reshape's values and gradient are

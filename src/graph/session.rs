@@ -2,8 +2,8 @@
 //! step writes the host inputs, encodes the cached dispatches into one compute
 //! pass and submits once.
 
-use super::emit::Slot;
-use super::plan::{normalize, Plan, RunSpec, StepStats};
+use super::emit::{Slot, Window};
+use super::plan::{normalize, Plan, RunSpec, StepStats, StorageDesc};
 use super::{Graph, TensorId};
 use crate::error::{Error, Result};
 use crate::gpu::shader::Storage;
@@ -28,7 +28,7 @@ pub struct Session {
 
 impl Session {
     pub fn new(gpu: &Gpu, graph: Arc<Graph>, spec: RunSpec) -> Result<Session> {
-        let plan = Plan::build(&graph, &gpu.caps, &spec, gpu.max_binding_bytes())?;
+        let plan = Plan::build(&graph, &gpu.caps, &spec)?;
         #[cfg(not(target_arch = "wasm32"))]
         let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let buffers: Vec<wgpu::Buffer> = plan
@@ -65,23 +65,28 @@ impl Session {
                 shader: format!("{}::{} (node {})", k.shader, k.entry, k.node),
                 msg,
             };
-            for (name, _) in &k.bindings {
+            for b in &k.bindings {
+                let name = b.name;
                 if !entry.tensors.iter().any(|(n, _)| n == name) {
                     return Err(kernel_err(format!(
                         "binds '{name}', which the shader does not declare"
                     )));
                 }
             }
-            let bound: Vec<Option<Slot>> = entry
+            // Per header tensor: its storage and binding window, if bound.
+            let bound: Vec<Option<(&StorageDesc, Option<Window>)>> = entry
                 .tensors
                 .iter()
-                .map(|(n, _)| k.bindings.iter().find(|(b, _)| b == n).map(|(_, s)| *s))
+                .map(|(n, _)| {
+                    let b = k.bindings.iter().find(|b| b.name == n)?;
+                    let sid = plan.slot_storage[&normalize(&graph, b.slot)];
+                    Some((&plan.storages[sid], b.window))
+                })
                 .collect();
             let storages: Vec<Storage> = bound
                 .iter()
-                .map(|s| match s {
-                    Some(slot) => {
-                        let st = &plan.storages[plan.slot_storage[&normalize(&graph, *slot)]];
+                .map(|b| match b {
+                    Some((st, _)) => {
                         Storage::for_dtype(st.dtype, gpu.caps.shader_f16, spec.force_packed_f16)
                     }
                     None => Storage::F32,
@@ -106,16 +111,23 @@ impl Session {
                     }),
                 });
             }
-            for (i, slot) in bound.iter().enumerate() {
-                let buffer = match slot {
-                    Some(slot) => {
-                        &buffers[plan.storages[plan.slot_storage[&normalize(&graph, *slot)]].buffer]
+            for (i, b) in bound.iter().enumerate() {
+                // A storage binds its own extent (or window), not the whole
+                // pooled buffer it shares.
+                let resource = match b {
+                    Some((st, window)) => {
+                        let (offset, size) = st.extent(*window);
+                        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &buffers[st.buffer],
+                            offset,
+                            size: wgpu::BufferSize::new(size),
+                        })
                     }
-                    None => &dummy,
+                    None => dummy.as_entire_binding(),
                 };
                 entries.push(wgpu::BindGroupEntry {
                     binding: i as u32 + 1,
-                    resource: buffer.as_entire_binding(),
+                    resource,
                 });
             }
             let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {

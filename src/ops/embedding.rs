@@ -134,25 +134,34 @@ impl OpKernels for Embedding {
         "embedding"
     }
 
+    /// A table above the binding limit is bound in windows of whole rows,
+    /// one launch per window; each launch covers every position and handles
+    /// those whose id falls in its rows, so every output is written once.
     fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
         let n = e.numel(o[0]);
         let (rows, d) = (e.shape(i[1])[0], e.shape(i[1])[1]);
         if n == 0 {
             return Ok(());
         }
-        e.push(
-            Kernel::new("embedding", "embedding_forward")
-                .bind("ids", Slot::Value(i[0]))
-                .bind("table", Slot::Value(i[1]))
-                .bind("y", Slot::Value(o[0]))
-                .u32(n)
-                .u32(d)
-                .u32(rows)
-                .groups_1d(n.div_ceil(4), WG),
-        );
+        for w in e.windows(e.dtype(i[1]), rows * d, d) {
+            e.push(
+                Kernel::new("embedding", "embedding_forward")
+                    .bind("ids", Slot::Value(i[0]))
+                    .bind_window("table", Slot::Value(i[1]), w)
+                    .bind("y", Slot::Value(o[0]))
+                    .u32(n)
+                    .u32(d)
+                    .u32(rows)
+                    .u32(w.first / d)
+                    .u32(w.numel / d)
+                    .groups_1d(n.div_ceil(4), WG),
+            );
+        }
         Ok(())
     }
 
+    /// The table gradient in the same windows of rows as the forward: each
+    /// launch writes the rows of its window (deterministic, no atomics).
     fn backward(&self, e: &mut Emit, i: &[TensorId], _o: &[TensorId]) -> Result<()> {
         if e.grad_in(0).is_some() {
             return Err(no_grad_err(self.kind(), "token ids"));
@@ -161,19 +170,27 @@ impl OpKernels for Embedding {
             return Ok(());
         };
         let (rows, d) = (e.shape(i[1])[0], e.shape(i[1])[1]);
+        if rows * d == 0 {
+            return Ok(());
+        }
         let chunks = d.div_ceil(4);
-        e.push(
-            Kernel::new("embedding", "embedding_backward")
-                .bind("ids", Slot::Value(i[0]))
-                .bind("dy", dy)
-                .bind("dtable", dt.slot)
-                .u32(e.numel(i[0]))
-                .u32(d)
-                .u32(rows)
-                .u32(chunks)
-                .f32(dt.beta())
-                .groups_1d(rows * chunks, WG),
-        );
+        for w in e.windows(e.slot_dtype(dt.slot), rows * d, d) {
+            let wrows = w.numel / d;
+            e.push(
+                Kernel::new("embedding", "embedding_backward")
+                    .bind("ids", Slot::Value(i[0]))
+                    .bind("dy", dy)
+                    .bind_window("dtable", dt.slot, w)
+                    .u32(e.numel(i[0]))
+                    .u32(d)
+                    .u32(rows)
+                    .u32(chunks)
+                    .f32(dt.beta())
+                    .u32(w.first / d)
+                    .u32(wrows)
+                    .groups_1d(wrows * chunks, WG),
+            );
+        }
         Ok(())
     }
 }

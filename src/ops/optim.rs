@@ -6,55 +6,82 @@ use crate::dtype::DType;
 use crate::error::Result;
 use crate::graph::{AdamW, Emit, Kernel, Slot, TensorId};
 
+/// Gradient elements per partial sum of squares (`BLOCK` in the shader).
+/// Parameters above the binding limit are windowed in whole blocks, so the
+/// partials, and the norm summed from them in a fixed order, do not depend
+/// on the windowing.
+const SUMSQ_BLOCK: usize = 256;
+/// Workgroup size of the sum-of-squares kernels (`RWG` in the shader).
+const RWG: u32 = 64;
+const WG: u32 = 256;
+
 /// Emit the optimizer step for `params` (after the backward pass). Returns
 /// the persistent `hyper` slot the host fills each step with
 /// `[lr, 1 - beta1^t, 1 - beta2^t, 0]`.
 pub fn emit_adamw(e: &mut Emit, params: &[TensorId], opt: &AdamW) -> Result<Slot> {
     let hyper = e.persistent("adamw.hyper", 4, DType::F32);
+    // A parameter, its gradient and its moments are all f32 of one size, so
+    // one set of windows serves them all (one window unless it exceeds a binding).
+    let windows: Vec<_> = params
+        .iter()
+        .map(|&p| e.windows(DType::F32, e.numel(p), SUMSQ_BLOCK))
+        .collect();
     let mut scale = None;
     if let Some(max_norm) = opt.max_grad_norm {
-        let norms = e.persistent("adamw.grad_sq_norms", params.len().max(1), DType::F32);
-        for (slot, &p) in params.iter().enumerate() {
-            e.push(
-                Kernel::new("optim", "sumsq")
-                    .bind("g", Slot::Grad(p))
-                    .bind("norms", norms)
-                    .u32(e.numel(p))
-                    .u32(slot),
-            );
+        let blocks: usize = params
+            .iter()
+            .map(|&p| e.numel(p).div_ceil(SUMSQ_BLOCK))
+            .sum();
+        let partials = e.temp("grad_sq_partials", blocks.max(1), DType::F32);
+        let mut base = 0;
+        for (&p, ws) in params.iter().zip(&windows) {
+            for &w in ws {
+                let n = w.numel.div_ceil(SUMSQ_BLOCK);
+                e.push(
+                    Kernel::new("optim", "sumsq")
+                        .bind_window("g", Slot::Grad(p), w)
+                        .bind("partials", partials)
+                        .u32(w.numel)
+                        .u32(base + w.first / SUMSQ_BLOCK)
+                        .groups_1d(n * RWG as usize, RWG),
+                );
+            }
+            base += e.numel(p).div_ceil(SUMSQ_BLOCK);
         }
         let s = e.persistent("adamw.clip", 2, DType::F32);
         e.push(
             Kernel::new("optim", "clip_scale")
-                .bind("norms", norms)
+                .bind("partials", partials)
                 .bind("scale", s)
-                .u32(params.len())
+                .u32(blocks)
                 .f32(max_norm),
         );
         scale = Some(s);
     }
-    for &p in params {
+    for (&p, ws) in params.iter().zip(&windows) {
         let n = e.numel(p);
         let name = e.graph.desc(p).name.clone();
         let m = e.persistent(&format!("adamw.m.{name}"), n, DType::F32);
         let v = e.persistent(&format!("adamw.v.{name}"), n, DType::F32);
-        let mut k = Kernel::new("optim", "adamw")
-            .bind("param", Slot::Value(p))
-            .bind("grad", Slot::Grad(p))
-            .bind("m", m)
-            .bind("v", v)
-            .bind("hyper", hyper);
-        if let Some(s) = scale {
-            k = k.bind("scale", s).konst("CLIP", "true");
+        for &w in ws {
+            let mut k = Kernel::new("optim", "adamw")
+                .bind_window("param", Slot::Value(p), w)
+                .bind_window("grad", Slot::Grad(p), w)
+                .bind_window("m", m, w)
+                .bind_window("v", v, w)
+                .bind("hyper", hyper);
+            if let Some(s) = scale {
+                k = k.bind("scale", s).konst("CLIP", "true");
+            }
+            e.push(
+                k.u32(w.numel)
+                    .f32(opt.beta1)
+                    .f32(opt.beta2)
+                    .f32(opt.eps)
+                    .f32(opt.weight_decay)
+                    .groups_1d(w.numel, WG),
+            );
         }
-        e.push(
-            k.u32(n)
-                .f32(opt.beta1)
-                .f32(opt.beta2)
-                .f32(opt.eps)
-                .f32(opt.weight_decay)
-                .groups_1d(n, 256),
-        );
     }
     Ok(hyper)
 }
@@ -87,8 +114,9 @@ mod tests {
     #[test]
     fn adamw_with_clipping_matches_torch_formula() {
         // loss = mean((w - target)^2): grad = 2 (w - target) / n, clipped to norm 0.05.
+        // 601 elements: the norm sums three blocks of 256, the last partial.
         for max_grad_norm in [None, Some(0.05)] {
-            let n = 37;
+            let n = 601;
             let opt = AdamW {
                 lr: 0.01,
                 weight_decay: 0.1,

@@ -31,6 +31,16 @@ pub fn portable_gpu() -> &'static Gpu {
     })
 }
 
+/// The shared device with its storage-binding limit lowered to `bytes` and
+/// binding offsets aligned to 256 bytes (WebGPU's default), so that tests
+/// split small tensors into windows the way real models split big ones.
+pub fn gpu_with_binding_limit(bytes: u64) -> Gpu {
+    let mut g = gpu().clone();
+    g.caps.max_binding_bytes = bytes;
+    g.caps.storage_offset_alignment = g.caps.storage_offset_alignment.max(256);
+    g
+}
+
 /// Uniform values in [-1, 1) from a fixed seed.
 pub fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
