@@ -1,8 +1,10 @@
 //! The `difftrain` command line.
 
-use anyhow::{bail, Context, Result};
+mod cli;
+
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use difftrain::gpu::{list_adapters, AdapterChoice};
+use difftrain::gpu::AdapterChoice;
 use difftrain::Gpu;
 
 #[derive(Parser)]
@@ -13,8 +15,9 @@ use difftrain::Gpu;
     long_about = "difftrain is a trainer for SD-style UNets in VAE latent space with every kernel \
 a WGSL compute shader run through wgpu, so one code path runs on Vulkan, Metal, DX12 and browser \
 WebGPU. Without a GPU it runs on Mesa's Vulkan CPU driver (lavapipe: apt-get install \
-mesa-vulkan-drivers). This version has the GPU runtime, the op set and its benchmarks; the \
-model, training and sampling commands come next."
+mesa-vulkan-drivers). Models load from and save to diffusers' folder layout (UNet, CLIP text \
+encoder + tokenizer, VAE). This version runs the models (forward, init) and the benchmarks; the \
+training and sampling commands come next."
 )]
 struct Cli {
     /// Graphics backend(s) to use: vulkan, metal, dx12, gl, webgpu (comma separated).
@@ -36,6 +39,14 @@ enum Command {
         #[command(subcommand)]
         what: BenchWhat,
     },
+    /// Run one model on inputs from a safetensors file and write its outputs (to compare with
+    /// PyTorch).
+    Forward {
+        #[command(subcommand)]
+        what: cli::forward::ForwardWhat,
+    },
+    /// Write a freshly initialized model folder (diffusers layout) from a config.json.
+    Init(cli::init::InitArgs),
 }
 
 #[derive(Subcommand)]
@@ -58,95 +69,11 @@ fn main() -> Result<()> {
         name: cli.adapter.clone(),
     };
     match cli.command {
-        Command::Info => info(&choice),
+        Command::Info => cli::info::info(&choice),
         Command::Bench {
             what: BenchWhat::Ops { filter, iters },
-        } => bench_ops(&choice, filter, iters),
+        } => cli::bench::bench_ops(&choice, filter, iters),
+        Command::Forward { what } => cli::forward::run(&Gpu::new_blocking(&choice)?, what),
+        Command::Init(args) => cli::init::run(args),
     }
-}
-
-fn info(choice: &AdapterChoice) -> Result<()> {
-    let all = pollster::block_on(list_adapters(choice))?;
-    println!("adapters found: {}", all.len());
-    for a in &all {
-        println!(
-            "  - {} ({}, {}, driver: {})",
-            a.name, a.backend, a.device_type, a.driver
-        );
-    }
-    let gpu = Gpu::new_blocking(choice)?;
-    let i = &gpu.info;
-    let l = &gpu.limits;
-    println!("selected: {}", i.name);
-    println!(
-        "  backend: {:?}  device type: {:?}",
-        i.backend, i.device_type
-    );
-    println!("  driver: {} {}", i.driver, i.driver_info);
-    println!(
-        "  features: shader-f16 {}  subgroups {} (size {}..{})",
-        gpu.caps.shader_f16,
-        gpu.caps.subgroups,
-        gpu.caps.subgroup_min_size,
-        gpu.caps.subgroup_max_size
-    );
-    println!(
-        "  max storage buffer binding: {} MiB",
-        l.max_storage_buffer_binding_size >> 20
-    );
-    println!("  max buffer size: {} MiB", l.max_buffer_size >> 20);
-    println!(
-        "  storage binding offset alignment: {} bytes",
-        l.min_storage_buffer_offset_alignment
-    );
-    println!(
-        "  max storage buffers per stage: {}",
-        l.max_storage_buffers_per_shader_stage
-    );
-    println!(
-        "  max workgroup size: {}x{}x{}, {} invocations",
-        l.max_compute_workgroup_size_x,
-        l.max_compute_workgroup_size_y,
-        l.max_compute_workgroup_size_z,
-        l.max_compute_invocations_per_workgroup
-    );
-    println!(
-        "  max workgroup memory: {} KiB",
-        l.max_compute_workgroup_storage_size >> 10
-    );
-    println!(
-        "  max workgroups per dimension: {}",
-        l.max_compute_workgroups_per_dimension
-    );
-    Ok(())
-}
-
-fn bench_ops(choice: &AdapterChoice, filter: Option<String>, iters: usize) -> Result<()> {
-    if iters == 0 {
-        bail!("--iters must be at least 1");
-    }
-    let gpu = Gpu::new_blocking(choice)?;
-    println!(
-        "adapter: {} ({:?}, {})",
-        gpu.info.name, gpu.info.backend, gpu.info.driver
-    );
-    let cases: Vec<_> = difftrain::bench::op_cases()
-        .into_iter()
-        .filter(|c| filter.as_ref().is_none_or(|f| c.name.contains(f.as_str())))
-        .collect();
-    if cases.is_empty() {
-        bail!(
-            "no benchmark matches --filter {:?}",
-            filter.unwrap_or_default()
-        );
-    }
-    let mut results = Vec::new();
-    for case in &cases {
-        let r = difftrain::bench::run_case(&gpu, case, iters)
-            .with_context(|| format!("benchmark {} {} {}", case.name, case.shape, case.dtype))?;
-        eprintln!("{} {} {}: {:.2} ms", r.name, r.shape, r.dtype, r.median_ms);
-        results.push(r);
-    }
-    print!("{}", difftrain::bench::table(&results));
-    Ok(())
 }

@@ -53,3 +53,194 @@ fn bad_input_gives_clear_errors() {
     let (ok, _, err) = difftrain(&["--adapter", "no-such-gpu-xyz", "info"]);
     assert!(!ok && err.contains("no-such-gpu-xyz"), "{err}");
 }
+
+fn fixture(p: &str) -> String {
+    format!("{}/tests/fixtures/{p}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fresh temporary folder for one test.
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("difftrain-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+#[test]
+fn forward_unet_backward_writes_the_contract_tensors() {
+    use difftrain::io::TensorFile;
+    let dir = temp_dir("unet");
+    let out = dir.join("out.safetensors");
+    let (ok, _, err) = difftrain(&[
+        "forward",
+        "unet",
+        "--model",
+        &fixture("unet_linear"),
+        "--inputs",
+        &fixture("unet_linear/inputs.safetensors"),
+        "--out",
+        out.to_str().unwrap(),
+        "--backward",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("setup") && err.contains("dispatches"), "{err}");
+    let got = TensorFile::read(&out).unwrap();
+    let want = TensorFile::read(&std::path::PathBuf::from(fixture(
+        "unet_linear/expected.safetensors",
+    )))
+    .unwrap();
+    assert_eq!(
+        got.tensors.keys().collect::<Vec<_>>(),
+        want.tensors.keys().collect::<Vec<_>>()
+    );
+    let err = rel_l2(
+        &got.get("sample").unwrap().values,
+        &want.get("sample").unwrap().values,
+    );
+    assert!(err < 1e-4, "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn forward_text_encoder_tokenizes_and_encodes_prompts() {
+    use difftrain::io::TensorFile;
+    let dir = temp_dir("clip");
+    let out = dir.join("out.safetensors");
+    let (ok, _, err) = difftrain(&[
+        "forward",
+        "text-encoder",
+        "--model",
+        &fixture("clip_quick_gelu"),
+        "--tokenizer",
+        &fixture("tokenizer"),
+        "--prompts",
+        &fixture("prompts.txt"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let got = TensorFile::read(&out).unwrap();
+    let want = TensorFile::read(&std::path::PathBuf::from(fixture(
+        "clip_quick_gelu/expected.safetensors",
+    )))
+    .unwrap();
+    let ids = got.get("input_ids").unwrap();
+    assert_eq!(ids.file_dtype, difftrain::io::StoredDType::I64);
+    assert_eq!(ids.values, want.get("input_ids").unwrap().values);
+    let h = &got.get("last_hidden_state").unwrap().values;
+    let err = rel_l2(h, &want.get("last_hidden_state").unwrap().values);
+    assert!(err < 1e-4, "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn init_then_forward_vae_round_trips_shapes() {
+    use difftrain::io::{HostTensor, TensorFile};
+    let dir = temp_dir("vae");
+    let model = dir.join("vae");
+    let (ok, _, err) = difftrain(&[
+        "init",
+        "vae",
+        "--config",
+        &fixture("vae/config.json"),
+        "--out",
+        model.to_str().unwrap(),
+        "--seed",
+        "3",
+    ]);
+    assert!(ok, "{err}");
+    let inputs = dir.join("in.safetensors");
+    let mut f = TensorFile::new(&inputs);
+    f.insert("image", HostTensor::f32(&[1, 3, 8, 6], vec![0.25; 144]));
+    f.insert("latents", HostTensor::f32(&[1, 4, 3, 5], vec![-0.5; 60]));
+    f.write(&inputs, None).unwrap();
+    let out = dir.join("out.safetensors");
+    let args = [
+        "forward",
+        "vae",
+        "--model",
+        model.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let (ok, _, err) = difftrain(&args);
+    assert!(ok, "{err}");
+    let got = TensorFile::read(&out).unwrap();
+    assert_eq!(got.get("mean").unwrap().shape, [1, 4, 4, 3]);
+    assert_eq!(got.get("logvar").unwrap().shape, [1, 4, 4, 3]);
+    assert_eq!(got.get("decoded").unwrap().shape, [1, 3, 6, 10]);
+    for t in got.tensors.values() {
+        assert!(t.values.iter().all(|v| v.is_finite()));
+    }
+
+    // A wrong-rank input names the tensor and both shapes.
+    let mut f = TensorFile::new(&inputs);
+    f.insert("image", HostTensor::f32(&[3, 8, 6], vec![0.0; 144]));
+    f.write(&inputs, None).unwrap();
+    let (ok, _, err) = difftrain(&args);
+    assert!(
+        !ok && err.contains("'image'") && err.contains("[?, 3, ?, ?]") && err.contains("[3, 8, 6]"),
+        "{err}"
+    );
+    // A truncated file names the file.
+    std::fs::write(&inputs, b"\x10\x00").unwrap();
+    let (ok, _, err) = difftrain(&args);
+    assert!(!ok && err.contains("in.safetensors"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_model_configs_name_the_field() {
+    let dir = temp_dir("badcfg");
+    let cfg = dir.join("config.json");
+    let text = std::fs::read_to_string(fixture("unet_conv/config.json")).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("\"DownBlock2D\"", "\"SimpleDownBlock2D\""),
+    )
+    .unwrap();
+    let out = dir.join("unet");
+    let args = [
+        "init",
+        "unet",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let (ok, _, err) = difftrain(&args);
+    assert!(
+        !ok && err.contains("down_block_types[2]") && err.contains("SimpleDownBlock2D"),
+        "{err}"
+    );
+    std::fs::write(
+        &cfg,
+        text.replace("\"dropout\": 0.0", "\"dropout\": 0.0, \"frobnicate\": 1"),
+    )
+    .unwrap();
+    let (ok, _, err) = difftrain(&args);
+    assert!(!ok && err.contains("frobnicate"), "{err}");
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "\"use_linear_projection\": false",
+            "\"use_linear_projection\": 3",
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = difftrain(&args);
+    assert!(!ok && err.contains("use_linear_projection"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -59,7 +59,7 @@ fn check_unet(name: &str) {
     let dir = fixture(name);
     let inputs = TensorFile::read(&dir.join("inputs.safetensors")).unwrap();
     let expected = TensorFile::read(&dir.join("expected.safetensors")).unwrap();
-    let got = unet_forward(&gpu, &dir, &inputs, true).unwrap();
+    let got = unet_forward(&gpu, &dir, &inputs, true).unwrap().tensors;
     assert_eq!(got.tensors.len(), expected.tensors.len());
     compare(&got, &expected, 1e-4, 1e-3);
 }
@@ -80,7 +80,7 @@ fn check_clip(name: &str) {
     let expected = TensorFile::read(&dir.join("expected.safetensors")).unwrap();
     let ids = expected.get("input_ids").unwrap();
     for (skip, key) in [(0, "last_hidden_state"), (1, "clip_skip_1")] {
-        let got = text_encoder_forward(&gpu, &dir, ids, skip).unwrap();
+        let (got, _) = text_encoder_forward(&gpu, &dir, ids, skip).unwrap();
         let want = expected.get(key).unwrap();
         assert_eq!(got.shape, want.shape);
         let err = rel_l2(&got.values, &want.values);
@@ -105,7 +105,112 @@ fn vae_matches_diffusers() {
     let dir = fixture("vae");
     let inputs = TensorFile::read(&dir.join("inputs.safetensors")).unwrap();
     let expected = TensorFile::read(&dir.join("expected.safetensors")).unwrap();
-    let got = difftrain::models::forward::vae_forward(&gpu, &dir, &inputs).unwrap();
+    let got = difftrain::models::forward::vae_forward(&gpu, &dir, &inputs)
+        .unwrap()
+        .tensors;
     assert_eq!(got.tensors.len(), 3);
     compare(&got, &expected, 1e-4, 0.0);
+}
+
+/// Copy every file of a fixture folder into `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn pipeline_folder_loads_as_one_unit_and_checks_its_parts() {
+    use difftrain::models::init::{init_model, Component};
+    use difftrain::models::pipeline::{component_dir, PipelineDir};
+    let root = std::env::temp_dir().join(format!("difftrain-pipeline-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    copy_dir(&fixture("clip_quick_gelu"), &root.join("text_encoder"));
+    copy_dir(&fixture("tokenizer"), &root.join("tokenizer"));
+    copy_dir(&fixture("vae"), &root.join("vae"));
+    std::fs::create_dir_all(root.join("scheduler")).unwrap();
+    std::fs::write(
+        root.join("scheduler/scheduler_config.json"),
+        r#"{"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("model_index.json"),
+        r#"{"_class_name": "StableDiffusionPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDPMScheduler"]}"#,
+    )
+    .unwrap();
+    // A UNet whose cross-attention width is not the text encoder's (24 vs 32).
+    let unet_cfg = fixture("unet_linear/config.json");
+    init_model(Component::Unet, &unet_cfg, &root.join("unet"), 0, false).unwrap();
+    let err = PipelineDir::open(&root).unwrap_err().to_string();
+    assert!(
+        err.contains("cross_attention_dim 24") && err.contains("hidden_size 32"),
+        "{err}"
+    );
+
+    let text = std::fs::read_to_string(&unet_cfg).unwrap();
+    let cfg = root.join("unet_config.json");
+    std::fs::write(
+        &cfg,
+        text.replace("\"cross_attention_dim\": 24", "\"cross_attention_dim\": 32"),
+    )
+    .unwrap();
+    init_model(Component::Unet, &cfg, &root.join("unet"), 0, false).unwrap();
+    let p = PipelineDir::open(&root).unwrap();
+    assert_eq!(p.unet.layout.down[0].cross_attention_dim, 32);
+    assert_eq!(component_dir(&root, "vae"), root.join("vae"));
+    assert_eq!(component_dir(&root.join("vae"), "vae"), root.join("vae"));
+
+    std::fs::remove_dir_all(root.join("tokenizer")).unwrap();
+    let err = PipelineDir::open(&root).unwrap_err().to_string();
+    assert!(err.contains("tokenizer"), "{err}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn init_writes_a_folder_that_loads_back_with_the_same_parameters() {
+    use difftrain::models::init::{init_model, Component};
+    let dir = std::env::temp_dir().join(format!("difftrain-init-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = fixture("clip_gelu/config.json");
+    let s = init_model(Component::TextEncoder, &cfg, &dir.join("a"), 7, false).unwrap();
+    init_model(Component::TextEncoder, &cfg, &dir.join("b"), 7, true).unwrap();
+    let a = TensorFile::read(&s.weights_file).unwrap();
+    let b = TensorFile::read(&dir.join("b/model.fp16.safetensors")).unwrap();
+    let fixture_weights = TensorFile::read(&fixture("clip_gelu/model.safetensors")).unwrap();
+    // Same names and shapes as transformers writes; f16 variant within f16 rounding.
+    assert_eq!(
+        a.tensors
+            .iter()
+            .map(|(k, t)| (k, &t.shape))
+            .collect::<Vec<_>>(),
+        fixture_weights
+            .tensors
+            .iter()
+            .map(|(k, t)| (k, &t.shape))
+            .collect::<Vec<_>>()
+    );
+    for (k, t) in &a.tensors {
+        assert!(rel_l2(&b.tensors[k].values, &t.values) < 1e-3, "{k}");
+    }
+    // transformers' init: token embedding N(0, 0.02), layer norms 1 / 0.
+    let emb = &a.tensors["text_model.embeddings.token_embedding.weight"].values;
+    let std = (emb.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / emb.len() as f64).sqrt();
+    assert!((std - 0.02).abs() < 0.002, "{std}");
+    assert!(a.tensors["text_model.final_layer_norm.weight"]
+        .values
+        .iter()
+        .all(|&v| v == 1.0));
+    // And the folder runs.
+    let gpu = Gpu::new_blocking(&Default::default()).unwrap();
+    let ids = difftrain::io::HostTensor::i64(&[1, 5], &[2512, 3, 4, 5, 2513]);
+    let (h, _) = text_encoder_forward(&gpu, &dir.join("a"), &ids, 0).unwrap();
+    assert_eq!(h.shape, [1, 5, 30]);
+    assert!(h.values.iter().all(|v| v.is_finite()));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -31,14 +31,17 @@ pub fn parse_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
-/// Write a config with diffusers' metadata keys first.
-pub fn write_config<T: Serialize>(path: &Path, class_name: &str, config: &T) -> Result<()> {
+/// Write a config: the `header` keys first (diffusers' `_class_name`,
+/// transformers' `architectures`, ...), then every field of `config`.
+pub fn write_config<T: Serialize>(
+    path: &Path,
+    header: &[(&str, serde_json::Value)],
+    config: &T,
+) -> Result<()> {
     let mut out = serde_json::Map::new();
-    out.insert("_class_name".into(), class_name.into());
-    out.insert(
-        "_difftrain_version".into(),
-        env!("CARGO_PKG_VERSION").into(),
-    );
+    for (k, v) in header {
+        out.insert(k.to_string(), v.clone());
+    }
     match serde_json::to_value(config) {
         Ok(serde_json::Value::Object(fields)) => out.extend(fields),
         _ => return Err(file_err(path, "config did not serialize to a JSON object")),

@@ -214,6 +214,8 @@ impl TensorFile {
 
     /// Write every tensor in its `file_dtype`, or in `float` for the
     /// floating-point ones when given (the `.fp16.safetensors` variant).
+    /// The header carries `{"format": "pt"}` as torch's writers put it
+    /// (transformers checks it when loading).
     pub fn write(&self, path: &Path, float: Option<StoredDType>) -> Result<()> {
         let mut encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         for (name, t) in &self.tensors {
@@ -236,7 +238,8 @@ impl TensorFile {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| file_err(path, format!("cannot encode tensors: {e}")))?;
-        let bytes = safetensors::serialize(views, None)
+        let metadata = [("format".to_string(), "pt".to_string())].into();
+        let bytes = safetensors::serialize(views, Some(metadata))
             .map_err(|e| file_err(path, format!("cannot encode tensors: {e}")))?;
         write_atomic(path, &bytes)
     }

@@ -4,6 +4,8 @@
 
 pub mod clip;
 pub mod forward;
+pub mod init;
+pub mod pipeline;
 pub mod unet;
 pub mod unet_config;
 pub mod vae;

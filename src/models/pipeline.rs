@@ -1,0 +1,106 @@
+//! A diffusers pipeline folder: `model_index.json` naming `unet/`, `vae/`,
+//! `text_encoder/`, `tokenizer/` and `scheduler/`. It loads as one unit
+//! (every component present, of a class difftrain runs, and the components
+//! agree on their shared sizes), and each component folder also works alone.
+
+use super::clip::ClipTextModel;
+use super::unet::UNet;
+use super::vae::Vae;
+use crate::error::{file_err, Result};
+use crate::io::config::read_json;
+use std::path::{Path, PathBuf};
+
+/// The components difftrain uses and the classes it accepts for each.
+const COMPONENTS: [(&str, &[&str]); 5] = [
+    ("unet", &["UNet2DConditionModel"]),
+    ("vae", &["AutoencoderKL"]),
+    ("text_encoder", &["CLIPTextModel"]),
+    ("tokenizer", &["CLIPTokenizer", "CLIPTokenizerFast"]),
+    ("scheduler", &[]),
+];
+
+/// The folder of component `name` given either that folder itself or a
+/// pipeline root (a folder with `model_index.json`).
+pub fn component_dir(dir: &Path, name: &str) -> PathBuf {
+    if dir.join("model_index.json").exists() {
+        dir.join(name)
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// A checked pipeline folder.
+#[derive(Clone, Debug)]
+pub struct PipelineDir {
+    pub root: PathBuf,
+    pub unet: UNet,
+    pub vae: Vae,
+    pub text_encoder: ClipTextModel,
+}
+
+impl PipelineDir {
+    /// Read `model_index.json` and every component's config, and check that
+    /// they fit together: the text encoder's width is the UNet's
+    /// cross-attention width and the VAE's latents are the UNet's input.
+    pub fn open(root: &Path) -> Result<PipelineDir> {
+        let index_path = root.join("model_index.json");
+        let index = read_json(&index_path)?;
+        for (name, classes) in COMPONENTS {
+            let entry = index.get(name).and_then(|v| v.as_array());
+            let class = entry.and_then(|a| a.get(1)).and_then(|c| c.as_str());
+            let Some(class) = class else {
+                return Err(file_err(
+                    &index_path,
+                    format!("no '{name}' component (expected [\"library\", \"Class\"])"),
+                ));
+            };
+            if !classes.is_empty() && !classes.contains(&class) {
+                return Err(file_err(
+                    &index_path,
+                    format!(
+                        "'{name}' is a {class}; difftrain runs {}",
+                        classes.join(" or ")
+                    ),
+                ));
+            }
+            if !root.join(name).is_dir() {
+                return Err(file_err(
+                    root,
+                    format!("model_index.json names '{name}' but there is no {name}/ folder"),
+                ));
+            }
+        }
+        let unet = UNet::from_config_file(&root.join("unet/config.json"))?;
+        let vae = Vae::from_config_file(&root.join("vae/config.json"))?;
+        let text_encoder = ClipTextModel::from_config_file(&root.join("text_encoder/config.json"))?;
+        let cross = unet.layout.down[0].cross_attention_dim;
+        if text_encoder.config.hidden_size != cross {
+            return Err(file_err(
+                root,
+                format!(
+                    "text_encoder hidden_size {} does not match the unet's cross_attention_dim {cross}",
+                    text_encoder.config.hidden_size
+                ),
+            ));
+        }
+        if vae.config.latent_channels != unet.config.in_channels {
+            return Err(file_err(
+                root,
+                format!(
+                    "vae latent_channels {} does not match the unet's in_channels {}",
+                    vae.config.latent_channels, unet.config.in_channels
+                ),
+            ));
+        }
+        Ok(PipelineDir {
+            root: root.to_path_buf(),
+            unet,
+            vae,
+            text_encoder,
+        })
+    }
+
+    pub fn component(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}
