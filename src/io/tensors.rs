@@ -214,34 +214,47 @@ impl TensorFile {
 
     /// Write every tensor in its `file_dtype`, or in `float` for the
     /// floating-point ones when given (the `.fp16.safetensors` variant).
-    /// The header carries `{"format": "pt"}` as torch's writers put it
-    /// (transformers checks it when loading).
+    /// Tensors are encoded one at a time as they stream to a temporary file
+    /// that is then renamed into place. The header carries
+    /// `{"format": "pt"}` as torch's writers put it (transformers checks it).
     pub fn write(&self, path: &Path, float: Option<StoredDType>) -> Result<()> {
-        let mut encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-        for (name, t) in &self.tensors {
+        let views = self.tensors.iter().map(|(name, t)| {
             let dtype = match (t.file_dtype, float) {
                 (StoredDType::I64 | StoredDType::I32, _) | (_, None) => t.file_dtype,
                 (_, Some(f)) => f,
             };
-            encoded.push((
-                name.clone(),
-                dtype.to_file(),
-                t.shape.clone(),
-                dtype.encode(&t.values),
-            ));
-        }
-        let views = encoded
-            .iter()
-            .map(|(name, dtype, shape, data)| {
-                safetensors::tensor::TensorView::new(*dtype, shape.clone(), data)
-                    .map(|v| (name.as_str(), v))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| file_err(path, format!("cannot encode tensors: {e}")))?;
+            (name.as_str(), Encoded { t, dtype })
+        });
         let metadata = [("format".to_string(), "pt".to_string())].into();
-        let bytes = safetensors::serialize(views, Some(metadata))
-            .map_err(|e| file_err(path, format!("cannot encode tensors: {e}")))?;
-        write_atomic(path, &bytes)
+        let tmp = path.with_extension("partial");
+        safetensors::serialize_to_file(views, Some(metadata), &tmp)
+            .map_err(|e| file_err(&tmp, format!("cannot write: {e}")))?;
+        std::fs::rename(&tmp, path)
+            .map_err(|e| file_err(path, format!("cannot rename into place: {e}")))
+    }
+}
+
+/// A host tensor as safetensors sees it, encoded when written.
+struct Encoded<'a> {
+    t: &'a HostTensor,
+    dtype: StoredDType,
+}
+
+impl safetensors::View for Encoded<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype.to_file()
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.t.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        self.dtype.encode(&self.t.values).into()
+    }
+
+    fn data_len(&self) -> usize {
+        self.t.values.len() * self.dtype.to_file().bitsize() / 8
     }
 }
 

@@ -119,8 +119,13 @@ impl Graph {
 /// invocation, keys per forward tile). CPU adapters run a workgroup as one
 /// SIMD group and like a few rows of register accumulators per invocation;
 /// GPUs want many threads with few registers each.
-fn tile(e: &Emit) -> (usize, usize, usize) {
-    if e.caps.is_cpu {
+fn tile(e: &Emit, d: &Dims) -> (usize, usize, usize) {
+    if e.caps.is_cpu && d.d > SG_MAX_D {
+        // Wide heads (SD's 80 and 160, the VAE's 512): one row per
+        // invocation keeps its q and accumulator arrays small enough for
+        // llvmpipe (4 rows spilled them: 20x slower at D = 512).
+        (8, 1, 8)
+    } else if e.caps.is_cpu {
         (8, 4, 8)
     } else {
         (64, 1, 16)
@@ -162,7 +167,7 @@ fn blocks(
 
 /// [`blocks`] with the adapter's tile.
 fn row_kernel(e: &Emit, entry: &'static str, a: &Attention, d: &Dims, rows: usize) -> Kernel {
-    let (wg, rq, _) = tile(e);
+    let (wg, rq, _) = tile(e, d);
     blocks(entry, a, d, rows, wg, rq).konst("WG", format!("{wg}u"))
 }
 
@@ -177,7 +182,7 @@ impl OpKernels for Attention {
             let entry = "attention_forward_subgroup";
             blocks(entry, self, &d, d.sq, SG_WIDTH, SG_ROWS)
         } else {
-            let (_, _, kt) = tile(e);
+            let (_, _, kt) = tile(e, &d);
             row_kernel(e, "attention_forward", self, &d, d.sq).konst("KT", format!("{kt}u"))
         };
         let k = k
