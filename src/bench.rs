@@ -189,6 +189,41 @@ pub fn op_cases() -> Vec<BenchCase> {
     cases
 }
 
+/// A whole UNet step (`bench unet`): the model of `config` on `batch`
+/// latents of `latent` x `latent` with 77 text tokens, forward only or forward
+/// and backward (counted as 3x the forward FLOPs, as for the ops).
+pub fn unet_case(
+    config: &std::path::Path,
+    batch: usize,
+    latent: usize,
+    backward: bool,
+) -> Result<BenchCase> {
+    let unet = crate::models::UNet::from_config_file(config)?;
+    let channels = unet.config.in_channels;
+    let cross = unet.layout.down[0].cross_attention_dim;
+    let name = config
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "unet".into());
+    let build = move |g: &mut Graph, dtype: DType| {
+        let x = g.input("sample", &[batch, channels, latent, latent], dtype);
+        let t = g.input("timestep", &[batch], DType::F32);
+        let c = g.input("encoder_hidden_states", &[batch, 77, cross], dtype);
+        unet.forward(g, x, t, c)
+    };
+    let mut g = Graph::new();
+    build(&mut g, DType::F32)?;
+    let flops = g.forward_flops() * if backward { 3 } else { 1 };
+    Ok(BenchCase {
+        name,
+        shape: format!("B{batch} {channels}x{latent}x{latent} S77"),
+        dtype: DType::F32,
+        backward,
+        build: Box::new(build),
+        work: Work::Flops(flops),
+    })
+}
+
 /// Render results as an aligned table.
 pub fn table(results: &[BenchResult]) -> String {
     let mut s = format!(

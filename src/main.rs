@@ -60,6 +60,24 @@ enum BenchWhat {
         #[arg(long, default_value_t = 5)]
         iters: usize,
     },
+    /// A whole UNet step from a config.json (random weights, 77 text tokens), forward and
+    /// forward + backward.
+    Unet {
+        /// UNet2DConditionModel config.json, e.g. examples/configs/sd15_unet.json.
+        #[arg(long)]
+        config: std::path::PathBuf,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Latent height and width (image size / 8).
+        #[arg(long, default_value_t = 32)]
+        latent: usize,
+        /// Timed steps per case (after 2 warm-up steps).
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        /// Only the forward pass.
+        #[arg(long)]
+        forward_only: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -73,6 +91,16 @@ fn main() -> Result<()> {
         Command::Bench {
             what: BenchWhat::Ops { filter, iters },
         } => cli::bench::bench_ops(&choice, filter, iters),
+        Command::Bench {
+            what:
+                BenchWhat::Unet {
+                    config,
+                    batch,
+                    latent,
+                    iters,
+                    forward_only,
+                },
+        } => cli::bench::bench_unet(&choice, &config, batch, latent, iters, forward_only),
         Command::Forward { what } => cli::forward::run(&Gpu::new_blocking(&choice)?, what),
         Command::Init(args) => cli::init::run(args),
     }

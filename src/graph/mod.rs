@@ -191,6 +191,14 @@ impl Graph {
         t
     }
 
+    /// Floating-point operations of one forward pass, summed over the ops.
+    pub fn forward_flops(&self) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| n.op.kernels().flops(self, &n.inputs, &n.outputs))
+            .sum()
+    }
+
     /// Parameters in creation order.
     pub fn params(&self) -> Vec<TensorId> {
         (0..self.tensors.len())
