@@ -34,7 +34,8 @@ fn act(op: u32, x: f32) -> f32 {
         case 0u: { return x * sigmoid(x); }
         case 1u: { return 0.5 * x * (1.0 + erf_approx(x * INV_SQRT_2)); }
         case 2u: { return 0.5 * x * (1.0 + tanh_safe(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))); }
-        default: { return x * sigmoid(1.702 * x); }
+        case 3u: { return x * sigmoid(1.702 * x); }
+        default: { return exp(x); }
     }
 }
 
@@ -48,7 +49,8 @@ fn act_grad(op: u32, x: f32) -> f32 {
             let t = tanh_safe(u);
             return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
         }
-        default: { let s = sigmoid(1.702 * x); return s * (1.0 + 1.702 * x * (1.0 - s)); }
+        case 3u: { let s = sigmoid(1.702 * x); return s * (1.0 + 1.702 * x * (1.0 - s)); }
+        default: { return exp(x); }
     }
 }
 

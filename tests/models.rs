@@ -215,3 +215,74 @@ fn init_writes_a_folder_that_loads_back_with_the_same_parameters() {
     assert!(h.values.iter().all(|v| v.is_finite()));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn vae_latent_sample_is_mean_plus_std_times_noise_scaled() {
+    use difftrain::graph::{Graph, RunSpec, Session};
+    use difftrain::models::weights::load_params;
+    use difftrain::models::Vae;
+    use difftrain::DType;
+    let gpu = Gpu::new_blocking(&Default::default()).unwrap();
+    let dir = fixture("vae");
+    let vae = Vae::from_config_file(&dir.join("config.json")).unwrap();
+    let inputs = TensorFile::read(&dir.join("inputs.safetensors")).unwrap();
+    let expected = TensorFile::read(&dir.join("expected.safetensors")).unwrap();
+    let weights = TensorFile::read(&dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let image = inputs.get("image").unwrap();
+    let (mean, logvar) = (
+        expected.get("mean").unwrap(),
+        expected.get("logvar").unwrap(),
+    );
+    let noise: Vec<f32> = (0..mean.numel())
+        .map(|i| ((i * 37 % 17) as f32 - 8.0) / 5.0)
+        .collect();
+
+    let mut g = Graph::new();
+    let x = g.input("image", &image.shape, DType::F32);
+    let n = g.input("noise", &mean.shape, DType::F32);
+    let z = vae.encode_latents(&mut g, x, n).unwrap();
+    let spec = RunSpec {
+        outputs: vec![z],
+        ..Default::default()
+    };
+    let mut s = Session::new(&gpu, std::sync::Arc::new(g), spec).unwrap();
+    load_params(&s, &weights).unwrap();
+    s.write(x, &image.values).unwrap();
+    s.write(n, &noise).unwrap();
+    s.step().unwrap();
+    let got = s.read_blocking(z).unwrap();
+    let want: Vec<f32> = (0..noise.len())
+        .map(|i| (mean.values[i] + (0.5 * logvar.values[i]).exp() * noise[i]) * 0.18215)
+        .collect();
+    let err = rel_l2(&got, &want);
+    assert!(err < 1e-5, "{err:.3e}");
+}
+
+#[test]
+fn parameters_read_back_from_a_session_save_unchanged() {
+    use difftrain::graph::{Graph, RunSpec, Session};
+    use difftrain::models::weights::{load_params, read_params};
+    use difftrain::models::UNet;
+    use difftrain::DType;
+    let gpu = Gpu::new_blocking(&Default::default()).unwrap();
+    let dir = fixture("unet_linear");
+    let unet = UNet::from_config_file(&dir.join("config.json")).unwrap();
+    let original = TensorFile::read(&dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let mut g = Graph::new();
+    let x = g.input("sample", &[1, 4, 2, 2], DType::F32);
+    let t = g.input("timestep", &[1], DType::F32);
+    let c = g.input("encoder_hidden_states", &[1, 1, 24], DType::F32);
+    let y = unet.forward(&mut g, x, t, c).unwrap();
+    let spec = RunSpec {
+        outputs: vec![y],
+        ..Default::default()
+    };
+    let s = Session::new(&gpu, std::sync::Arc::new(g), spec).unwrap();
+    load_params(&s, &original).unwrap();
+    let out =
+        std::env::temp_dir().join(format!("difftrain-save-{}.safetensors", std::process::id()));
+    read_params(&s, &out).unwrap().write(&out, None).unwrap();
+    let saved = TensorFile::read(&out).unwrap();
+    assert_eq!(saved.tensors, original.tensors);
+    std::fs::remove_file(&out).unwrap();
+}

@@ -10,6 +10,7 @@ use crate::io::TensorFile;
 use crate::nn::{
     attention, conv2d, downsample_2d, group_norm, resnet_block_2d, upsample_2d, Conv, Resnet,
 };
+use crate::ops::elementwise::Activation;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -128,6 +129,20 @@ impl Vae {
                 ));
             }
         }
+        if let Some(v) = c.shift_factor {
+            return Err(unsupported(
+                path,
+                "shift_factor",
+                format!("value {v} is not supported (SD 1.x / 2.x VAEs have none)"),
+            ));
+        }
+        if c.latents_mean.is_some() || c.latents_std.is_some() {
+            return Err(unsupported(
+                path,
+                "latents_mean",
+                "per-channel latent statistics are not supported (SD 1.x / 2.x VAEs have none)",
+            ));
+        }
         if c.act_fn != "silu" {
             return Err(unsupported(
                 path,
@@ -212,6 +227,31 @@ impl Vae {
             let logvar = g.clamp(halves[1], -30.0, 20.0);
             Ok((halves[0], logvar))
         })
+    }
+
+    /// Training latents from images: a sample of the encoder's distribution
+    /// times `scaling_factor`, (mean + exp(logvar / 2) * noise) * scaling_factor,
+    /// as diffusers' `train_text_to_image.py` takes
+    /// `latent_dist.sample() * scaling_factor`. `noise` is N(0, 1) noise of
+    /// the latents' shape.
+    pub fn encode_latents(
+        &self,
+        g: &mut Graph,
+        image: TensorId,
+        noise: TensorId,
+    ) -> Result<TensorId> {
+        let (mean, logvar) = self.encode(g, image)?;
+        if g.shape(noise) != g.shape(mean) {
+            return Err(shape_err(
+                "vae.encode_latents",
+                format!("noise {:?} must be {:?}", g.shape(noise), g.shape(mean)),
+            ));
+        }
+        let half = g.scale(logvar, 0.5);
+        let std = g.activation(half, Activation::Exp);
+        let z = g.mul(std, noise)?;
+        let z = g.add(mean, z)?;
+        Ok(g.scale(z, self.config.scaling_factor))
     }
 
     /// Decode `latents` `[B, latent_channels, h, w]` (unscaled: divide by

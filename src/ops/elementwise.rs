@@ -17,6 +17,8 @@ pub enum Activation {
     GeluTanh = 2,
     /// x * sigmoid(1.702 x), CLIP's quick_gelu.
     QuickGelu = 3,
+    /// e^x (the VAE's standard deviation from its log-variance).
+    Exp = 4,
 }
 
 impl Activation {
@@ -30,6 +32,7 @@ impl Activation {
                 0.5 * x * (1.0 + u.tanh())
             }
             Activation::QuickGelu => x * sig(1.702 * x),
+            Activation::Exp => x.exp(),
         }
     }
 }
@@ -538,6 +541,7 @@ mod tests {
             Activation::Gelu,
             Activation::GeluTanh,
             Activation::QuickGelu,
+            Activation::Exp,
         ] {
             let inputs = [CaseInput::act(&[3, 7, 5]).values(
                 crate::ops::testing::random(105, 3)
