@@ -1,5 +1,8 @@
 //! End-to-end tests of the `difftrain` binary.
 
+mod common;
+
+use common::rel_l2;
 use std::process::Command;
 
 fn difftrain(args: &[&str]) -> (bool, String, String) {
@@ -55,7 +58,7 @@ fn bad_input_gives_clear_errors() {
 }
 
 fn fixture(p: &str) -> String {
-    format!("{}/tests/fixtures/{p}", env!("CARGO_MANIFEST_DIR"))
+    common::fixture(p).to_string_lossy().into_owned()
 }
 
 /// A fresh temporary folder for one test.
@@ -64,16 +67,6 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
 }
 
 #[test]

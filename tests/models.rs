@@ -7,23 +7,10 @@
 use difftrain::io::TensorFile;
 use difftrain::models::forward::{text_encoder_forward, unet_forward};
 use difftrain::Gpu;
-use std::path::{Path, PathBuf};
+mod common;
 
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
+use common::{fixture, rel_l2};
+use std::path::Path;
 
 /// Compare every tensor of `expected` with `got`: forward outputs within
 /// `fwd_tol`, names starting with `grad.` within `grad_tol`.

@@ -5,7 +5,7 @@
 use crate::error::Result;
 use crate::graph::{Graph, Init, TensorId};
 use crate::io::config::{parse_config, unsupported};
-use crate::nn::layer_norm;
+use crate::nn::{layer_norm, linear_init};
 use crate::ops::elementwise::Activation;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -153,6 +153,7 @@ impl ClipTextModel {
             Init::Normal((d as f32).powf(-0.5) * ((2 * c.num_hidden_layers) as f32).powf(-0.5) * f);
         let out_proj = Init::Normal((d as f32).powf(-0.5) * f);
         let fc_std = Init::Normal(((2 * d) as f32).powf(-0.5) * f);
+        let zero = Some(Init::Const(0.0));
         g.frozen(|g| {
             g.scoped("text_model", |g| {
                 let h = g.scoped("embeddings", |g| {
@@ -175,18 +176,19 @@ impl ClipTextModel {
                         let r = h;
                         let x = layer_norm(g, "layer_norm1", h, c.layer_norm_eps)?;
                         let x = g.scoped("self_attn", |g| {
-                            let q = linear_init(g, "q_proj", x, d, d, in_proj)?;
-                            let k = linear_init(g, "k_proj", x, d, d, in_proj)?;
-                            let v = linear_init(g, "v_proj", x, d, d, in_proj)?;
+                            let q = linear_init(g, "q_proj", x, [d, d], in_proj, zero)?;
+                            let k = linear_init(g, "k_proj", x, [d, d], in_proj, zero)?;
+                            let v = linear_init(g, "v_proj", x, [d, d], in_proj, zero)?;
                             let o = g.attention(q, k, v, c.num_attention_heads, true)?;
-                            linear_init(g, "out_proj", o, d, d, out_proj)
+                            linear_init(g, "out_proj", o, [d, d], out_proj, zero)
                         })?;
                         let h = g.add(r, x)?;
                         let x = layer_norm(g, "layer_norm2", h, c.layer_norm_eps)?;
                         let x = g.scoped("mlp", |g| {
-                            let x = linear_init(g, "fc1", x, d, c.intermediate_size, fc_std)?;
+                            let x =
+                                linear_init(g, "fc1", x, [d, c.intermediate_size], fc_std, zero)?;
                             let x = g.activation(x, self.activation);
-                            linear_init(g, "fc2", x, c.intermediate_size, d, in_proj)
+                            linear_init(g, "fc2", x, [c.intermediate_size, d], in_proj, zero)
                         })?;
                         g.add(h, x)
                     })?;
@@ -195,20 +197,4 @@ impl ClipTextModel {
             })
         })
     }
-}
-
-/// A linear layer with transformers' CLIP init: weight N(0, std), bias 0.
-fn linear_init(
-    g: &mut Graph,
-    name: &str,
-    x: TensorId,
-    fan_in: usize,
-    out: usize,
-    w: Init,
-) -> Result<TensorId> {
-    g.scoped(name, |g| {
-        let wt = g.module_param("weight", &[out, fan_in], w);
-        let b = g.module_param("bias", &[out], Init::Const(0.0));
-        g.linear(x, wt, Some(b))
-    })
 }

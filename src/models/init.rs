@@ -41,7 +41,9 @@ pub fn init_model(
     fp16: bool,
 ) -> Result<InitSummary> {
     let mut g = Graph::new();
-    let stem = match component {
+    // Each arm traces the model and returns its weight file stem, the
+    // config's header keys and the config itself.
+    let (stem, header, fields) = match component {
         Component::Unet => {
             let unet = UNet::from_config_file(config)?;
             let f = 1 << (unet.layout.channels.len() - 1);
@@ -50,50 +52,34 @@ pub fn init_model(
             let t = g.input("timestep", &[1], DType::F32);
             let c = g.input("encoder_hidden_states", &[1, 1, cross], DType::F32);
             unet.forward(&mut g, x, t, c)?;
-            std::fs::create_dir_all(out)
-                .map_err(|e| file_err(out, format!("cannot create: {e}")))?;
-            write_config(
-                &out.join("config.json"),
-                &[("_class_name", json!("UNet2DConditionModel"))],
-                &unet.config,
-            )?;
-            "diffusion_pytorch_model"
+            let header = vec![("_class_name", json!("UNet2DConditionModel"))];
+            ("diffusion_pytorch_model", header, json!(unet.config))
         }
         Component::TextEncoder => {
             let clip = ClipTextModel::from_config_file(config)?;
             let ids = g.input("input_ids", &[1, 1], DType::F32);
             let pos = g.input("position_ids", &[1], DType::F32);
             clip.forward(&mut g, ids, pos, 0)?;
-            std::fs::create_dir_all(out)
-                .map_err(|e| file_err(out, format!("cannot create: {e}")))?;
             let header = vec![
                 ("architectures", json!(["CLIPTextModel"])),
                 ("model_type", json!("clip_text_model")),
             ];
-            write_config(&out.join("config.json"), &header, &clip.config)?;
-            "model"
+            ("model", header, json!(clip.config))
         }
         Component::Vae => {
             let vae = Vae::from_config_file(config)?;
             let f = vae.downscale();
+            let latent = vae.config.latent_channels;
             let x = g.input("image", &[1, vae.config.in_channels, f, f], DType::F32);
-            let z = g.input(
-                "latents",
-                &[1, vae.config.latent_channels, 1, 1],
-                DType::F32,
-            );
+            let z = g.input("latents", &[1, latent, 1, 1], DType::F32);
             vae.encode(&mut g, x)?;
             vae.decode(&mut g, z)?;
-            std::fs::create_dir_all(out)
-                .map_err(|e| file_err(out, format!("cannot create: {e}")))?;
-            write_config(
-                &out.join("config.json"),
-                &[("_class_name", json!("AutoencoderKL"))],
-                &vae.config,
-            )?;
-            "diffusion_pytorch_model"
+            let header = vec![("_class_name", json!("AutoencoderKL"))];
+            ("diffusion_pytorch_model", header, json!(vae.config))
         }
     };
+    std::fs::create_dir_all(out).map_err(|e| file_err(out, format!("cannot create: {e}")))?;
+    write_config(&out.join("config.json"), &header, &fields)?;
     let name = if fp16 {
         format!("{stem}.fp16.safetensors")
     } else {

@@ -9,7 +9,8 @@ fn fan_in_bound(fan_in: usize) -> Init {
     Init::Uniform(1.0 / (fan_in.max(1) as f32).sqrt())
 }
 
-/// `nn.Linear(fan_in, out, bias)` named `name`, on x `[.., fan_in]`.
+/// `nn.Linear(fan_in, out, bias)` named `name`, on x `[.., fan_in]`, with
+/// torch's default initialization.
 pub fn linear(
     g: &mut Graph,
     name: &str,
@@ -18,9 +19,23 @@ pub fn linear(
     out: usize,
     bias: bool,
 ) -> Result<TensorId> {
+    let init = fan_in_bound(fan_in);
+    linear_init(g, name, x, [fan_in, out], init, bias.then_some(init))
+}
+
+/// [`linear`] with explicit initializations of the weight and the bias
+/// (None: no bias), for models that override torch's default.
+pub fn linear_init(
+    g: &mut Graph,
+    name: &str,
+    x: TensorId,
+    [fan_in, out]: [usize; 2],
+    weight: Init,
+    bias: Option<Init>,
+) -> Result<TensorId> {
     g.scoped(name, |g| {
-        let w = g.module_param("weight", &[out, fan_in], fan_in_bound(fan_in));
-        let b = bias.then(|| g.module_param("bias", &[out], fan_in_bound(fan_in)));
+        let w = g.module_param("weight", &[out, fan_in], weight);
+        let b = bias.map(|init| g.module_param("bias", &[out], init));
         g.linear(x, w, b)
     })
 }

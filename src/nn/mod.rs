@@ -8,5 +8,5 @@ pub mod layers;
 pub mod resnet;
 
 pub use attention::{attention, transformer_2d, Transformer2d};
-pub use layers::{conv2d, group_norm, layer_norm, linear, Conv};
+pub use layers::{conv2d, group_norm, layer_norm, linear, linear_init, Conv};
 pub use resnet::{downsample_2d, resnet_block_2d, upsample_2d, Resnet};
