@@ -273,3 +273,17 @@ fn parameters_read_back_from_a_session_save_unchanged() {
     assert_eq!(saved.tensors, original.tensors);
     std::fs::remove_file(&out).unwrap();
 }
+
+#[test]
+fn a_batch_above_the_binding_limit_is_streamed_in_micro_batches() {
+    // 40 KiB: the batch-2 GEGLU projection ([2, 64, 96] f32, 48 KiB) does not
+    // fit, the batch-1 graph does; the outputs and the summed parameter
+    // gradients must not change.
+    let gpu = difftrain::ops::testing::gpu_with_binding_limit(40 << 10);
+    let dir = fixture("unet_linear");
+    let inputs = TensorFile::read(&dir.join("inputs.safetensors")).unwrap();
+    let expected = TensorFile::read(&dir.join("expected.safetensors")).unwrap();
+    let r = unet_forward(&gpu, &dir, &inputs, true).unwrap();
+    assert_eq!(r.report.micro_batch, 1);
+    compare(&r.tensors, &expected, 1e-4, 1e-3);
+}

@@ -129,10 +129,11 @@ fn summarize(label: &str, out: &Path, tensors: &TensorFile, r: &RunReport) {
         .map(|b| format!(", peak process memory {}", human_bytes(b)))
         .unwrap_or_default();
     eprintln!(
-        "{label}: setup {:.2} s, run {:.2} s, {} dispatches, GPU buffers {}{rss}; wrote {} tensors to {}",
+        "{label}: setup {:.2} s, run {:.2} s, {} dispatches per step of {} sample(s), GPU buffers {}{rss}; wrote {} tensors to {}",
         r.setup_s,
         r.run_s,
         r.dispatches,
+        r.micro_batch,
         human_bytes(r.buffer_bytes),
         tensors.tensors.len(),
         out.display()
