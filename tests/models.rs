@@ -200,6 +200,9 @@ fn init_writes_a_folder_that_loads_back_with_the_same_parameters() {
     let (h, _) = text_encoder_forward(&gpu, &dir.join("a"), &ids, 0).unwrap();
     assert_eq!(h.shape, [1, 5, 30]);
     assert!(h.values.iter().all(|v| v.is_finite()));
+    // The fp16 variant loads too (weights_path falls back to it), within f16 rounding.
+    let (h16, _) = text_encoder_forward(&gpu, &dir.join("b"), &ids, 0).unwrap();
+    assert!(rel_l2(&h16.values, &h.values) < 1e-2);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
