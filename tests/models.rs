@@ -217,7 +217,8 @@ fn vae_latent_sample_is_mean_plus_std_times_noise_scaled() {
     let vae = Vae::from_config_file(&dir.join("config.json")).unwrap();
     let inputs = TensorFile::read(&dir.join("inputs.safetensors")).unwrap();
     let expected = TensorFile::read(&dir.join("expected.safetensors")).unwrap();
-    let weights = TensorFile::read(&dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let weights =
+        difftrain::io::WeightFile::read(&dir.join("diffusion_pytorch_model.safetensors")).unwrap();
     let image = inputs.get("image").unwrap();
     let (mean, logvar) = (
         expected.get("mean").unwrap(),
@@ -268,7 +269,9 @@ fn parameters_read_back_from_a_session_save_unchanged() {
         ..Default::default()
     };
     let s = Session::new(&gpu, std::sync::Arc::new(g), spec).unwrap();
-    load_params(&s, &original).unwrap();
+    let file =
+        difftrain::io::WeightFile::read(&dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    load_params(&s, &file).unwrap();
     let out =
         std::env::temp_dir().join(format!("difftrain-save-{}.safetensors", std::process::id()));
     read_params(&s, &out).unwrap().write(&out, None).unwrap();
@@ -289,4 +292,43 @@ fn a_batch_above_the_binding_limit_is_streamed_in_micro_batches() {
     let r = unet_forward(&gpu, &dir, &inputs, true).unwrap();
     assert_eq!(r.report.micro_batch, 1);
     compare(&r.tensors, &expected, 1e-4, 1e-3);
+}
+
+#[test]
+fn vae_checkpoints_with_pre_0_14_attention_names_load() {
+    let dir = fixture("vae");
+    let legacy = std::env::temp_dir().join(format!("difftrain-legacy-vae-{}", std::process::id()));
+    std::fs::create_dir_all(&legacy).unwrap();
+    std::fs::copy(dir.join("config.json"), legacy.join("config.json")).unwrap();
+    let weights = TensorFile::read(&dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let mut old = TensorFile::new(&legacy);
+    for (name, t) in &weights.tensors {
+        let mut t = t.clone();
+        let mut name = name.clone();
+        for (new, was) in [
+            (".to_q.", ".query."),
+            (".to_k.", ".key."),
+            (".to_v.", ".value."),
+            (".to_out.0.", ".proj_attn."),
+        ] {
+            if name.contains("mid_block.attentions.0.") && name.contains(new) {
+                name = name.replace(new, was);
+                if t.shape.len() == 2 {
+                    t.shape.extend([1, 1]); // the original LDM's 1x1 conv weights
+                }
+            }
+        }
+        old.insert(&name, t);
+    }
+    assert!(old
+        .tensors
+        .contains_key("encoder.mid_block.attentions.0.proj_attn.weight"));
+    old.write(&legacy.join("diffusion_pytorch_model.safetensors"), None)
+        .unwrap();
+    let gpu = Gpu::new_blocking(&Default::default()).unwrap();
+    let inputs = TensorFile::read(&dir.join("inputs.safetensors")).unwrap();
+    let expected = TensorFile::read(&dir.join("expected.safetensors")).unwrap();
+    let got = difftrain::models::forward::vae_forward(&gpu, &legacy, &inputs).unwrap();
+    compare(&got.tensors, &expected, 1e-4, 0.0);
+    std::fs::remove_dir_all(&legacy).unwrap();
 }

@@ -126,6 +126,14 @@ impl Gpu {
         }
     }
 
+    /// Submit the uploads queued so far and wait for them, which frees
+    /// their staging memory (loading GBs of weights would otherwise hold a
+    /// staged copy of all of them until the first step).
+    pub fn flush(&self) -> Result<()> {
+        self.queue.submit(std::iter::empty());
+        self.wait()
+    }
+
     /// Wait for all submitted work (native only; on the web the browser drives it).
     pub fn wait(&self) -> Result<()> {
         self.device

@@ -4,4 +4,4 @@
 pub mod config;
 pub mod tensors;
 
-pub use tensors::{write_atomic, HostTensor, StoredDType, TensorFile};
+pub use tensors::{write_atomic, HostTensor, StoredDType, TensorFile, WeightFile};

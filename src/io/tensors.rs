@@ -126,33 +126,20 @@ impl TensorFile {
 
     /// Read every tensor of `path`, converting values to f32.
     pub fn read(path: &Path) -> Result<TensorFile> {
-        let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-            file_err(
-                path,
-                format!("not a valid safetensors file (truncated or corrupt?): {e}"),
-            )
-        })?;
-        let mut tensors = BTreeMap::new();
-        for (name, view) in st.iter() {
-            let dtype = StoredDType::from_file(view.dtype()).ok_or_else(|| {
-                file_err(
-                    path,
-                    format!(
-                        "tensor '{name}' has dtype {:?}; expected F32, F16, BF16, F64, I64 or I32",
-                        view.dtype()
-                    ),
-                )
-            })?;
-            tensors.insert(
-                name.to_string(),
-                HostTensor {
-                    shape: view.shape().to_vec(),
-                    values: dtype.decode(view.data()),
-                    file_dtype: dtype,
-                },
-            );
-        }
+        let file = WeightFile::read(path)?;
+        let tensors = file
+            .entries
+            .iter()
+            .map(|(name, e)| {
+                let values = e.dtype.decode(&file.bytes[e.range.clone()]);
+                let t = HostTensor {
+                    shape: e.shape.clone(),
+                    values,
+                    file_dtype: e.dtype,
+                };
+                (name.clone(), t)
+            })
+            .collect();
         Ok(TensorFile {
             path: path.to_path_buf(),
             tensors,
@@ -255,6 +242,87 @@ impl safetensors::View for Encoded<'_> {
 
     fn data_len(&self) -> usize {
         self.t.values.len() * self.dtype.to_file().bitsize() / 8
+    }
+}
+
+/// A safetensors file held as its bytes, each tensor decoded to f32 only
+/// when asked for: loading a model never holds a decoded copy of all its
+/// weights next to the file's bytes.
+pub struct WeightFile {
+    pub path: PathBuf,
+    bytes: Vec<u8>,
+    entries: BTreeMap<String, Entry>,
+}
+
+/// Where one tensor lies in a [`WeightFile`].
+struct Entry {
+    dtype: StoredDType,
+    shape: Vec<usize>,
+    range: std::ops::Range<usize>,
+}
+
+impl WeightFile {
+    pub fn read(path: &Path) -> Result<WeightFile> {
+        let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+            file_err(
+                path,
+                format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+            )
+        })?;
+        let mut entries = BTreeMap::new();
+        for (name, view) in st.iter() {
+            let dtype = StoredDType::from_file(view.dtype()).ok_or_else(|| {
+                file_err(
+                    path,
+                    format!(
+                        "tensor '{name}' has dtype {:?}; expected F32, F16, BF16, F64, I64 or I32",
+                        view.dtype()
+                    ),
+                )
+            })?;
+            // The view borrows from `bytes`: its offset there locates it.
+            let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+            let entry = Entry {
+                dtype,
+                shape: view.shape().to_vec(),
+                range: start..start + view.data().len(),
+            };
+            entries.insert(name.to_string(), entry);
+        }
+        drop(st);
+        Ok(WeightFile {
+            path: path.to_path_buf(),
+            bytes,
+            entries,
+        })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| &e.shape[..])
+    }
+
+    /// The values of tensor `name` as f32.
+    pub fn decode(&self, name: &str) -> Option<Vec<f32>> {
+        let e = self.entries.get(name)?;
+        Some(e.dtype.decode(&self.bytes[e.range.clone()]))
+    }
+
+    /// Give tensor `from` the name `to` and, when given, another shape of
+    /// the same size (old checkpoints' names and 1x1-conv shapes).
+    pub fn rename(&mut self, from: &str, to: &str, shape: Option<Vec<usize>>) {
+        if let Some(mut e) = self.entries.remove(from) {
+            if let Some(s) =
+                shape.filter(|s| s.iter().product::<usize>() == e.shape.iter().product::<usize>())
+            {
+                e.shape = s;
+            }
+            self.entries.insert(to.to_string(), e);
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use super::weights::{load_params, warn_unused, weights_path};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Plan, RunSpec, Session, TensorId};
-use crate::io::{HostTensor, TensorFile};
+use crate::io::{HostTensor, TensorFile, WeightFile};
 use crate::Gpu;
 use std::path::Path;
 use std::sync::Arc;
@@ -107,7 +107,7 @@ struct Run {
 }
 
 impl Run {
-    fn new(gpu: &Gpu, g: Graph, spec: RunSpec, weights: &TensorFile, mb: usize) -> Result<Run> {
+    fn new(gpu: &Gpu, g: Graph, spec: RunSpec, weights: &WeightFile, mb: usize) -> Result<Run> {
         let start = Instant::now();
         let s = Session::new(gpu, Arc::new(g), spec)?;
         load_params(&s, weights)?;
@@ -172,7 +172,7 @@ pub fn unet_forward(
     backward: bool,
 ) -> Result<Outputs> {
     let unet = UNet::from_config_file(&model_dir.join("config.json"))?;
-    let weights = TensorFile::read(&weights_path(model_dir, "diffusion_pytorch_model")?)?;
+    let weights = WeightFile::read(&weights_path(model_dir, "diffusion_pytorch_model")?)?;
     let cfg = &unet.config;
     let cross = unet.layout.down[0].cross_attention_dim;
     let sample = inputs.get_shaped("sample", &[None, Some(cfg.in_channels), None, None])?;
@@ -288,7 +288,7 @@ pub fn text_encoder_forward(
     clip_skip: usize,
 ) -> Result<(HostTensor, RunReport)> {
     let model = ClipTextModel::from_config_file(&model_dir.join("config.json"))?;
-    let weights = TensorFile::read(&weights_path(model_dir, "model")?)?;
+    let weights = WeightFile::read(&weights_path(model_dir, "model")?)?;
     let c = &model.config;
     let ids_err = |msg: String| Error::Tensor {
         name: "input_ids".into(),
@@ -348,7 +348,7 @@ pub fn text_encoder_forward(
 /// `decoded` (no scaling applied). Either or both may be given.
 pub fn vae_forward(gpu: &Gpu, model_dir: &Path, inputs: &TensorFile) -> Result<Outputs> {
     let vae = Vae::from_config_file(&model_dir.join("config.json"))?;
-    let mut weights = TensorFile::read(&weights_path(model_dir, "diffusion_pytorch_model")?)?;
+    let mut weights = WeightFile::read(&weights_path(model_dir, "diffusion_pytorch_model")?)?;
     upgrade_legacy_names(&mut weights);
     let c = &vae.config;
     let optional = |name: &str, channels: usize| {
@@ -416,7 +416,7 @@ fn no_grad(outputs: Vec<TensorId>) -> RunSpec {
 /// `ids[1..]` over `input` in the largest micro-batches that fit.
 fn stream<const N: usize>(
     gpu: &Gpu,
-    weights: &TensorFile,
+    weights: &WeightFile,
     input: &HostTensor,
     trace: impl Fn(usize) -> Result<(Graph, RunSpec, [TensorId; N])>,
 ) -> Result<(Vec<HostTensor>, RunReport)> {

@@ -6,7 +6,7 @@
 use crate::error::{shape_err, Result};
 use crate::graph::{Graph, TensorId};
 use crate::io::config::{parse_config, unsupported};
-use crate::io::TensorFile;
+use crate::io::WeightFile;
 use crate::nn::{
     attention, conv2d, downsample_2d, group_norm, resnet_block_2d, upsample_2d, Conv, Resnet,
 };
@@ -345,7 +345,7 @@ impl Vae {
 /// Rename the attention weights of checkpoints saved before diffusers 0.14
 /// (`query`, `key`, `value`, `proj_attn`, sometimes as 1x1 conv weights) to
 /// today's names, as diffusers does when loading them.
-pub fn upgrade_legacy_names(file: &mut TensorFile) {
+pub fn upgrade_legacy_names(file: &mut WeightFile) {
     let renames = [
         (".query.", ".to_q."),
         (".key.", ".to_k."),
@@ -353,22 +353,19 @@ pub fn upgrade_legacy_names(file: &mut TensorFile) {
         (".proj_attn.", ".to_out.0."),
     ];
     let old: Vec<String> = file
-        .tensors
-        .keys()
-        .filter(|k| {
-            k.contains("mid_block.attentions.0.") && renames.iter().any(|(o, _)| k.contains(o))
-        })
-        .cloned()
+        .names()
+        .filter(|k| k.contains("mid_block.attentions.0."))
+        .map(str::to_string)
         .collect();
     for k in old {
-        let mut t = file.tensors.remove(&k).expect("key listed above");
-        let (from, to) = renames
-            .iter()
-            .find(|(o, _)| k.contains(o))
-            .expect("matched above");
-        if t.shape.len() == 4 && t.shape[2..] == [1, 1] {
-            t.shape.truncate(2);
-        }
-        file.tensors.insert(k.replace(from, to), t);
+        let Some((from, to)) = renames.iter().find(|(o, _)| k.contains(o)) else {
+            continue;
+        };
+        // 1x1 conv weights [C, C, 1, 1] become linear weights [C, C].
+        let shape = file
+            .shape(&k)
+            .filter(|s| s.len() == 4)
+            .map(|s| s[..2].to_vec());
+        file.rename(&k, &k.replace(from, to), shape);
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::error::{file_err, Error, Result};
 use crate::graph::{Graph, Init, Session};
-use crate::io::{HostTensor, TensorFile};
+use crate::io::{HostTensor, TensorFile, WeightFile};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};
@@ -29,27 +29,37 @@ pub fn weights_path(dir: &Path, stem: &str) -> Result<PathBuf> {
 
 /// Write every parameter of the session's graph from `file`, matching by
 /// name and checking shapes; a parameter missing from the file is an error.
-pub fn load_params(s: &Session, file: &TensorFile) -> Result<()> {
+/// Tensors are decoded one at a time and uploads flushed every 256 MiB, so
+/// the host holds little more than the file itself.
+pub fn load_params(s: &Session, file: &WeightFile) -> Result<()> {
+    const FLUSH_BYTES: usize = 256 << 20;
     let g = &s.graph;
     let mut missing = Vec::new();
+    let mut pending = 0;
     for p in g.params() {
         let d = g.desc(p);
-        let Some(t) = file.tensors.get(&d.name) else {
+        let Some(shape) = file.shape(&d.name) else {
             missing.push(d.name.clone());
             continue;
         };
-        if t.shape != d.shape {
+        if shape != d.shape {
             return Err(Error::Tensor {
                 name: d.name.clone(),
                 msg: format!(
                     "in {}: expected shape {:?} (from the config), found {:?}",
                     file.path.display(),
                     d.shape,
-                    t.shape
+                    shape
                 ),
             });
         }
-        s.write(p, &t.values)?;
+        let values = file.decode(&d.name).expect("shape found above");
+        s.write(p, &values)?;
+        pending += values.len() * 4;
+        if pending >= FLUSH_BYTES {
+            s.gpu.flush()?;
+            pending = 0;
+        }
     }
     if missing.is_empty() {
         return Ok(());
@@ -67,17 +77,13 @@ pub fn load_params(s: &Session, file: &TensorFile) -> Result<()> {
 
 /// Warn about tensors of `file` that no parameter of `g` uses (diffusers
 /// warns likewise): usually a file of another model or config.
-pub fn warn_unused(g: &Graph, file: &TensorFile) {
+pub fn warn_unused(g: &Graph, file: &WeightFile) {
     let used: std::collections::HashSet<&str> = g
         .params()
         .iter()
         .map(|&p| g.desc(p).name.as_str())
         .collect();
-    let unused: Vec<&String> = file
-        .tensors
-        .keys()
-        .filter(|k| !used.contains(k.as_str()))
-        .collect();
+    let unused: Vec<&str> = file.names().filter(|k| !used.contains(k)).collect();
     if let Some(first) = unused.first() {
         log::warn!(
             "{}: {} tensor(s) not used by the model, e.g. {first}",
