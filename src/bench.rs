@@ -201,10 +201,15 @@ pub fn unet_case(
     let unet = crate::models::UNet::from_config_file(config)?;
     let channels = unet.config.in_channels;
     let cross = unet.layout.down[0].cross_attention_dim;
-    let name = config
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "unet".into());
+    // `sd15_unet.json` -> "sd15_unet"; `.../unet/config.json` -> "unet".
+    let named = |p: Option<&std::path::Path>| {
+        p.and_then(|p| p.file_stem())
+            .map(|s| s.to_string_lossy().into_owned())
+    };
+    let name = match named(Some(config)) {
+        Some(stem) if stem != "config" => stem,
+        _ => named(config.parent()).unwrap_or_else(|| "unet".into()),
+    };
     let build = move |g: &mut Graph, dtype: DType| {
         let x = g.input("sample", &[batch, channels, latent, latent], dtype);
         let t = g.input("timestep", &[batch], DType::F32);

@@ -48,6 +48,25 @@ fn bench_ops_prints_a_table() {
 }
 
 #[test]
+fn bench_unet_times_a_whole_model_step() {
+    let config = fixture("unet_conv/config.json");
+    let (ok, out, err) = difftrain(&[
+        "bench", "unet", "--config", &config, "--latent", "8", "--iters", "1",
+    ]);
+    assert!(ok, "bench unet failed: {err}");
+    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("unet_conv")).collect();
+    assert_eq!(
+        rows.len(),
+        2,
+        "a forward and a forward + backward row:\n{out}"
+    );
+    assert!(
+        rows[0].contains("fwd") && rows[1].contains("fwd+bwd") && out.contains("GFLOP/s"),
+        "{out}"
+    );
+}
+
+#[test]
 fn bad_input_gives_clear_errors() {
     let (ok, _, err) = difftrain(&["bench", "ops", "--filter", "no-such-op"]);
     assert!(!ok && err.contains("no benchmark matches"), "{err}");
