@@ -154,6 +154,14 @@ fn pipeline_folder_loads_as_one_unit_and_checks_its_parts() {
     assert_eq!(component_dir(&root, "vae"), root.join("vae"));
     assert_eq!(component_dir(&root.join("vae"), "vae"), root.join("vae"));
 
+    assert_eq!(p.tokenizer.max_length(), 77);
+
+    std::fs::remove_file(root.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let err = PipelineDir::open(&root).unwrap_err().to_string();
+    assert!(
+        err.contains("vae") && err.contains("diffusion_pytorch_model.safetensors"),
+        "{err}"
+    );
     std::fs::remove_dir_all(root.join("tokenizer")).unwrap();
     let err = PipelineDir::open(&root).unwrap_err().to_string();
     assert!(err.contains("tokenizer"), "{err}");

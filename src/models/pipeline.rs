@@ -1,11 +1,14 @@
 //! A diffusers pipeline folder: `model_index.json` naming `unet/`, `vae/`,
 //! `text_encoder/`, `tokenizer/` and `scheduler/`. It loads as one unit
-//! (every component present, of a class difftrain runs, and the components
-//! agree on their shared sizes), and each component folder also works alone.
+//! (every component present, of a class difftrain runs, with its weights,
+//! and the components agree on their shared sizes), and each component
+//! folder also works alone.
 
 use super::clip::ClipTextModel;
+use super::tokenizer::ClipTokenizer;
 use super::unet::UNet;
 use super::vae::Vae;
+use super::weights::weights_path;
 use crate::error::{file_err, Result};
 use crate::io::config::read_json;
 use std::path::{Path, PathBuf};
@@ -36,12 +39,15 @@ pub struct PipelineDir {
     pub unet: UNet,
     pub vae: Vae,
     pub text_encoder: ClipTextModel,
+    pub tokenizer: ClipTokenizer,
 }
 
 impl PipelineDir {
-    /// Read `model_index.json` and every component's config, and check that
-    /// they fit together: the text encoder's width is the UNet's
-    /// cross-attention width and the VAE's latents are the UNet's input.
+    /// Read `model_index.json`, every component's config and the tokenizer,
+    /// find each model's weight file, and check that the parts fit together:
+    /// the text encoder's width is the UNet's cross-attention width, the
+    /// VAE's latents are the UNet's input, and the tokenizer's ids and length
+    /// fit the text encoder.
     pub fn open(root: &Path) -> Result<PipelineDir> {
         let index_path = root.join("model_index.json");
         let index = read_json(&index_path)?;
@@ -73,6 +79,25 @@ impl PipelineDir {
         let unet = UNet::from_config_file(&root.join("unet/config.json"))?;
         let vae = Vae::from_config_file(&root.join("vae/config.json"))?;
         let text_encoder = ClipTextModel::from_config_file(&root.join("text_encoder/config.json"))?;
+        let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+        weights_path(&root.join("unet"), "diffusion_pytorch_model")?;
+        weights_path(&root.join("vae"), "diffusion_pytorch_model")?;
+        weights_path(&root.join("text_encoder"), "model")?;
+        let te = &text_encoder.config;
+        if tokenizer.vocab_size() > te.vocab_size
+            || tokenizer.max_length() > te.max_position_embeddings
+        {
+            return Err(file_err(
+                root,
+                format!(
+                    "the tokenizer's {} tokens of up to id {} do not fit the text encoder's {} positions and {} ids",
+                    tokenizer.max_length(),
+                    tokenizer.vocab_size() - 1,
+                    te.max_position_embeddings,
+                    te.vocab_size
+                ),
+            ));
+        }
         let cross = unet.layout.down[0].cross_attention_dim;
         if text_encoder.config.hidden_size != cross {
             return Err(file_err(
@@ -97,6 +122,7 @@ impl PipelineDir {
             unet,
             vae,
             text_encoder,
+            tokenizer,
         })
     }
 
