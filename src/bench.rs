@@ -48,9 +48,8 @@ pub struct BenchResult {
     pub persistent_bytes: u64,
 }
 
-/// Time `case`: build, plan, warm up (pipeline compilation happens at the
-/// first dispatch on some drivers), then `iters` timed steps, each waited for.
-pub fn run_case(gpu: &Gpu, case: &BenchCase, iters: usize) -> Result<BenchResult> {
+/// The session of `case` with random inputs and parameters written.
+fn session_for(gpu: &Gpu, case: &BenchCase) -> Result<Session> {
     let mut g = Graph::new();
     let out = (case.build)(&mut g, case.dtype)?;
     let mut spec = RunSpec {
@@ -67,10 +66,17 @@ pub fn run_case(gpu: &Gpu, case: &BenchCase, iters: usize) -> Result<BenchResult
         .filter(|&t| !matches!(g.desc(t).role, crate::graph::Role::Activation))
         .collect();
     let graph = Arc::new(g);
-    let mut s = Session::new(gpu, graph.clone(), spec)?;
+    let s = Session::new(gpu, graph.clone(), spec)?;
     for (k, &t) in inputs.iter().enumerate() {
         s.write(t, &random(graph.numel(t), k as u64))?;
     }
+    Ok(s)
+}
+
+/// Time `case`: build, plan, warm up (pipeline compilation happens at the
+/// first dispatch on some drivers), then `iters` timed steps, each waited for.
+pub fn run_case(gpu: &Gpu, case: &BenchCase, iters: usize) -> Result<BenchResult> {
+    let mut s = session_for(gpu, case)?;
     let mut times = Vec::with_capacity(iters);
     for i in 0..iters + 2 {
         let t0 = Instant::now();
@@ -227,6 +233,73 @@ pub fn unet_case(
         build: Box::new(build),
         work: Work::Flops(flops),
     })
+}
+
+/// GPU time of one kind of kernel (`shader::entry`) in a profiled step.
+#[derive(Clone, Debug)]
+pub struct ProfileRow {
+    pub kernel: String,
+    pub dispatches: usize,
+    /// Milliseconds per step, summed over its dispatches (median step).
+    pub ms: f64,
+}
+
+/// Where the GPU time of a step of `case` goes, per kernel, largest first:
+/// 2 warm-up steps, then `iters` profiled steps (each dispatch timed with GPU
+/// timestamps in its own pass; the median per dispatch is kept).
+pub fn profile_case(gpu: &Gpu, case: &BenchCase, iters: usize) -> Result<Vec<ProfileRow>> {
+    let mut s = session_for(gpu, case)?;
+    for _ in 0..2 {
+        s.step()?;
+    }
+    gpu.wait()?;
+    let runs: Vec<Vec<f64>> = (0..iters.max(1))
+        .map(|_| s.profile_step())
+        .collect::<Result<_>>()?;
+    let mut rows: Vec<ProfileRow> = Vec::new();
+    for (i, k) in s.plan.kernels.iter().enumerate() {
+        let mut t: Vec<f64> = runs.iter().map(|r| r[i]).collect();
+        t.sort_by(|a, b| a.total_cmp(b));
+        let name = format!("{}::{}", k.shader, k.entry);
+        match rows.iter_mut().find(|r| r.kernel == name) {
+            Some(r) => {
+                r.dispatches += 1;
+                r.ms += t[t.len() / 2];
+            }
+            None => rows.push(ProfileRow {
+                kernel: name,
+                dispatches: 1,
+                ms: t[t.len() / 2],
+            }),
+        }
+    }
+    rows.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    Ok(rows)
+}
+
+/// Render a profile as a table with each kernel's share of the step.
+pub fn profile_table(rows: &[ProfileRow]) -> String {
+    let total: f64 = rows.iter().map(|r| r.ms).sum();
+    let mut s = format!(
+        "{:<44} {:>6} {:>10} {:>6}\n",
+        "kernel", "disp", "ms/step", "share"
+    );
+    for r in rows {
+        s += &format!(
+            "{:<44} {:>6} {:>10.3} {:>5.1}%\n",
+            r.kernel,
+            r.dispatches,
+            r.ms,
+            100.0 * r.ms / total.max(1e-12)
+        );
+    }
+    s += &format!(
+        "{:<44} {:>6} {:>10.3}\n",
+        "total (GPU time)",
+        rows.iter().map(|r| r.dispatches).sum::<usize>(),
+        total
+    );
+    s
 }
 
 /// Render results as an aligned table.

@@ -59,6 +59,9 @@ enum BenchWhat {
         /// Timed steps per case (after 2 warm-up steps); the median is reported.
         #[arg(long, default_value_t = 5)]
         iters: usize,
+        /// Also time every dispatch with GPU timestamps and print where each case's time goes.
+        #[arg(long)]
+        profile: bool,
     },
     /// A whole UNet step from a config.json (random weights, 77 text tokens), forward and
     /// forward + backward.
@@ -77,6 +80,9 @@ enum BenchWhat {
         /// Only the forward pass.
         #[arg(long)]
         forward_only: bool,
+        /// Also time every dispatch with GPU timestamps and print where each case's time goes.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -89,8 +95,13 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Info => cli::info::info(&choice),
         Command::Bench {
-            what: BenchWhat::Ops { filter, iters },
-        } => cli::bench::bench_ops(&choice, filter, iters),
+            what:
+                BenchWhat::Ops {
+                    filter,
+                    iters,
+                    profile,
+                },
+        } => cli::bench::bench_ops(&choice, filter, iters, profile),
         Command::Bench {
             what:
                 BenchWhat::Unet {
@@ -99,8 +110,16 @@ fn main() -> Result<()> {
                     latent,
                     iters,
                     forward_only,
+                    profile,
                 },
-        } => cli::bench::bench_unet(&choice, &config, batch, latent, iters, forward_only),
+        } => {
+            let shape = cli::bench::UnetShape {
+                batch,
+                latent,
+                forward_only,
+            };
+            cli::bench::bench_unet(&choice, &config, shape, iters, profile)
+        }
         Command::Forward { what } => cli::forward::run(&Gpu::new_blocking(&choice)?, what),
         Command::Init(args) => cli::init::run(args),
     }

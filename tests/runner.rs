@@ -412,3 +412,36 @@ fn training_steps_are_bit_identical_run_to_run() {
         assert_eq!(bits(a), bits(b), "parameters differ run to run");
     }
 }
+
+#[test]
+fn profiled_step_times_every_dispatch() {
+    // A two-layer MLP: the profile has one GPU time per dispatch, in
+    // schedule order, and profiling is a step like any other.
+    let gpu = gpu();
+    let mut g = Graph::new();
+    let x = g.input("x", &[4, 8], DType::F32);
+    let w = g.param("w", &[16, 8]);
+    let h = g.linear(x, w, None).unwrap();
+    let y = g.silu(h);
+    let spec = RunSpec {
+        outputs: vec![y],
+        ..Default::default()
+    };
+    let mut s = Session::new(gpu, Arc::new(g), spec).unwrap();
+    s.write(x, &[0.5; 32]).unwrap();
+    s.write(w, &[0.25; 128]).unwrap();
+    if !gpu.caps.timestamps {
+        let err = s.profile_step().unwrap_err().to_string();
+        assert!(err.contains("timestamp"), "{err}");
+        return;
+    }
+    let times = s.profile_step().unwrap();
+    assert_eq!(times.len(), s.stats().dispatches);
+    assert!(
+        times.iter().all(|t| t.is_finite() && *t >= 0.0),
+        "{times:?}"
+    );
+    let out = s.read_blocking(y).unwrap();
+    let v = 0.5 * 0.25 * 8.0f32;
+    assert!((out[0] - v / (1.0 + (-v).exp())).abs() < 1e-6);
+}

@@ -4,7 +4,12 @@ use anyhow::{bail, Context, Result};
 use difftrain::gpu::AdapterChoice;
 use difftrain::Gpu;
 
-pub fn bench_ops(choice: &AdapterChoice, filter: Option<String>, iters: usize) -> Result<()> {
+pub fn bench_ops(
+    choice: &AdapterChoice,
+    filter: Option<String>,
+    iters: usize,
+    profile: bool,
+) -> Result<()> {
     if iters == 0 {
         bail!("--iters must be at least 1");
     }
@@ -19,18 +24,29 @@ pub fn bench_ops(choice: &AdapterChoice, filter: Option<String>, iters: usize) -
             filter.unwrap_or_default()
         );
     }
-    run_cases(&gpu, &cases, iters)
+    run_cases(&gpu, &cases, iters, profile)
+}
+
+/// The input of a `bench unet` run.
+pub struct UnetShape {
+    pub batch: usize,
+    pub latent: usize,
+    pub forward_only: bool,
 }
 
 /// `bench unet`: forward, then (unless `forward_only`) forward + backward.
 pub fn bench_unet(
     choice: &AdapterChoice,
     config: &std::path::Path,
-    batch: usize,
-    latent: usize,
+    shape: UnetShape,
     iters: usize,
-    forward_only: bool,
+    profile: bool,
 ) -> Result<()> {
+    let UnetShape {
+        batch,
+        latent,
+        forward_only,
+    } = shape;
     if iters == 0 || batch == 0 || latent == 0 {
         bail!("--iters, --batch and --latent must be at least 1");
     }
@@ -39,7 +55,7 @@ pub fn bench_unet(
     if !forward_only {
         cases.push(difftrain::bench::unet_case(config, batch, latent, true)?);
     }
-    run_cases(&gpu, &cases, iters)
+    run_cases(&gpu, &cases, iters, profile)
 }
 
 fn open(choice: &AdapterChoice) -> Result<Gpu> {
@@ -51,7 +67,12 @@ fn open(choice: &AdapterChoice) -> Result<Gpu> {
     Ok(gpu)
 }
 
-fn run_cases(gpu: &Gpu, cases: &[difftrain::bench::BenchCase], iters: usize) -> Result<()> {
+fn run_cases(
+    gpu: &Gpu,
+    cases: &[difftrain::bench::BenchCase],
+    iters: usize,
+    profile: bool,
+) -> Result<()> {
     let mut results = Vec::new();
     for case in cases {
         let r = difftrain::bench::run_case(gpu, case, iters)
@@ -60,5 +81,17 @@ fn run_cases(gpu: &Gpu, cases: &[difftrain::bench::BenchCase], iters: usize) -> 
         results.push(r);
     }
     print!("{}", difftrain::bench::table(&results));
+    if profile {
+        for case in cases {
+            let rows = difftrain::bench::profile_case(gpu, case, iters)
+                .with_context(|| format!("profiling {} {}", case.name, case.shape))?;
+            let pass = if case.backward { "fwd+bwd" } else { "fwd" };
+            println!(
+                "\nprofile: {} {} {} {pass}",
+                case.name, case.shape, case.dtype
+            );
+            print!("{}", difftrain::bench::profile_table(&rows));
+        }
+    }
     Ok(())
 }

@@ -22,6 +22,9 @@ pub struct Capabilities {
     pub shader_f16: bool,
     /// Subgroup builtins (wgpu `SUBGROUP`).
     pub subgroups: bool,
+    /// GPU timestamps around compute passes (wgpu `TIMESTAMP_QUERY`), for
+    /// per-dispatch profiles.
+    pub timestamps: bool,
     /// Smallest subgroup size the adapter reports (0 when unknown).
     pub subgroup_min_size: u32,
     pub subgroup_max_size: u32,
@@ -50,11 +53,12 @@ pub struct Gpu {
 
 impl Gpu {
     /// Pick an adapter by `choice` and open a device with its real limits and
-    /// the optional features (SHADER_F16, SUBGROUP) it has.
+    /// the optional features (SHADER_F16, SUBGROUP, TIMESTAMP_QUERY) it has.
     pub async fn new(choice: &AdapterChoice) -> Result<Gpu> {
         let (adapter, _instance) = adapter::select(choice).await?;
         let info = adapter.get_info();
-        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+        let wanted =
+            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
         let features = adapter.features() & wanted;
         let limits = adapter.limits();
         let (device, queue) = adapter
@@ -72,6 +76,7 @@ impl Gpu {
         let caps = Capabilities {
             shader_f16: features.contains(wgpu::Features::SHADER_F16),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
+            timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
             subgroup_min_size: info.subgroup_min_size,
             subgroup_max_size: info.subgroup_max_size,
             is_cpu: info.device_type == wgpu::DeviceType::Cpu,

@@ -285,6 +285,7 @@ mod tests {
         Capabilities {
             shader_f16: false,
             subgroups: false,
+            timestamps: false,
             subgroup_min_size: 0,
             subgroup_max_size: 0,
             is_cpu: false,

@@ -242,6 +242,29 @@ impl Session {
 
     /// Encode every dispatch of the schedule into one pass and submit once.
     pub fn step(&mut self) -> Result<()> {
+        self.write_optimizer_step()?;
+        let mut enc = self
+            .gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("step"),
+            });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("step"),
+                timestamp_writes: None,
+            });
+            for k in &self.kernels {
+                k.dispatch(&mut pass);
+            }
+        }
+        self.gpu.queue.submit([enc.finish()]);
+        Ok(())
+    }
+
+    /// Advance the optimizer's step count and write AdamW's per-step
+    /// constants [lr, 1 - beta1^t, 1 - beta2^t, 0].
+    fn write_optimizer_step(&mut self) -> Result<()> {
         if let Some(slot) = self.plan.adamw_step {
             self.optimizer_step += 1;
             let t = self.optimizer_step as i32;
@@ -257,25 +280,79 @@ impl Session {
                 .queue
                 .write_buffer(buf, 0, bytemuck::cast_slice(&words));
         }
-        let mut enc = self
-            .gpu
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("step"),
-            });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("step"),
-                timestamp_writes: None,
-            });
-            for k in &self.kernels {
-                pass.set_pipeline(&k.pipeline.pipeline);
-                pass.set_bind_group(0, &k.bind_group, &[]);
-                let [x, y, z] = k.workgroups;
-                pass.dispatch_workgroups(x, y, z);
-            }
-        }
-        self.gpu.queue.submit([enc.finish()]);
         Ok(())
+    }
+
+    /// One step with every dispatch in its own compute pass between GPU
+    /// timestamps: each dispatch's GPU time in milliseconds, in schedule
+    /// order (`plan.kernels`). Slower than [`Session::step`] (a pass per
+    /// dispatch); for finding where a step's time goes. Needs an adapter
+    /// with timestamp queries.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn profile_step(&mut self) -> Result<Vec<f64>> {
+        if !self.gpu.caps.timestamps {
+            return Err(Error::Gpu(format!(
+                "adapter '{}' has no timestamp queries (wgpu TIMESTAMP_QUERY); cannot profile",
+                self.gpu.info.name
+            )));
+        }
+        self.write_optimizer_step()?;
+        // Two timestamps per dispatch; wgpu allows 4096 queries per set.
+        const PER_SET: usize = 2048;
+        let ns_per_tick = self.gpu.queue.get_timestamp_period() as f64;
+        let mut times = Vec::with_capacity(self.kernels.len());
+        for chunk in self.kernels.chunks(PER_SET) {
+            let queries = 2 * chunk.len() as u32;
+            let set = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("profile"),
+                ty: wgpu::QueryType::Timestamp,
+                count: queries,
+            });
+            let resolved = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile"),
+                size: queries as u64 * 8,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let mut enc = self
+                .gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("profile"),
+                });
+            for (i, k) in chunk.iter().enumerate() {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: None,
+                    timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                        query_set: &set,
+                        beginning_of_pass_write_index: Some(2 * i as u32),
+                        end_of_pass_write_index: Some(2 * i as u32 + 1),
+                    }),
+                });
+                k.dispatch(&mut pass);
+            }
+            enc.resolve_query_set(&set, 0..queries, &resolved, 0);
+            self.gpu.queue.submit([enc.finish()]);
+            let raw = crate::gpu::read_buffer_blocking(&self.gpu, &resolved, queries as u64 * 8)?;
+            let ticks: Vec<u64> = raw
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect();
+            times.extend(
+                ticks
+                    .chunks_exact(2)
+                    .map(|t| t[1].saturating_sub(t[0]) as f64 * ns_per_tick / 1e6),
+            );
+        }
+        Ok(times)
+    }
+}
+
+impl ReadyKernel {
+    fn dispatch(&self, pass: &mut wgpu::ComputePass) {
+        pass.set_pipeline(&self.pipeline.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        let [x, y, z] = self.workgroups;
+        pass.dispatch_workgroups(x, y, z);
     }
 }
