@@ -56,7 +56,7 @@ fn no_grad_forward_pools_less_memory_than_training() {
 
 #[test]
 fn tensor_above_binding_limit_is_an_error_naming_op_and_shape() {
-    let limit = gpu().max_binding_bytes();
+    let limit = gpu().caps.max_binding_bytes;
     let n = (limit / 4 + 1024) as usize;
     let mut g = Graph::new();
     let x = g.input("huge", &[1, n], DType::F32);
@@ -287,7 +287,7 @@ fn clip_sized_token_embedding_trains_at_the_real_binding_limit() {
         ..Default::default()
     };
     let mut s = Session::new(gpu(), Arc::new(g), spec).unwrap();
-    if gpu().max_binding_bytes() < (rows * d * 4) as u64 {
+    if gpu().caps.max_binding_bytes < (rows * d * 4) as u64 {
         assert!(launches(&s, "embedding_forward", "table", table) > 1);
     }
     let w0: Vec<f32> = (0..rows * d)

@@ -46,6 +46,7 @@ pub enum ForwardWhat {
         /// Text file with one prompt per line (an empty line is the empty prompt).
         #[arg(long)]
         prompts: PathBuf,
+        /// safetensors file to write.
         #[arg(long)]
         out: PathBuf,
         /// Use the hidden state this many layers before the last, then the final layer norm
@@ -60,8 +61,10 @@ pub enum ForwardWhat {
         /// pipeline folder.
         #[arg(long)]
         model: PathBuf,
+        /// safetensors file of inputs.
         #[arg(long)]
         inputs: PathBuf,
+        /// safetensors file to write.
         #[arg(long)]
         out: PathBuf,
     },

@@ -103,11 +103,6 @@ impl Gpu {
         pollster::block_on(Gpu::new(choice))
     }
 
-    /// The largest buffer one binding may cover.
-    pub fn max_binding_bytes(&self) -> u64 {
-        self.caps.max_binding_bytes
-    }
-
     /// A storage buffer that kernels read and write and the host can copy from.
     pub fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {

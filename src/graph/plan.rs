@@ -126,9 +126,9 @@ impl Plan {
         // 1. Forward, in graph order.
         for node in &graph.nodes {
             e.node_name = node.name.clone();
-            let k = node.op.kernels();
-            k.forward(&mut e, &node.inputs, &node.outputs)?;
-            stats.forward_flops += k.flops(graph, &node.inputs, &node.outputs);
+            node.op
+                .kernels()
+                .forward(&mut e, &node.inputs, &node.outputs)?;
         }
 
         // 2. Backward, in reverse, from the seeds.
@@ -330,6 +330,7 @@ impl Plan {
             s.buffer = buffers.len() - 1;
         }
         stats.dispatches = kernels.len();
+        stats.forward_flops = graph.forward_flops();
         stats.submissions = 1;
         Ok(Plan {
             kernels,

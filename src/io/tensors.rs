@@ -131,10 +131,9 @@ impl TensorFile {
             .entries
             .iter()
             .map(|(name, e)| {
-                let values = e.dtype.decode(&file.bytes[e.range.clone()]);
                 let t = HostTensor {
                     shape: e.shape.clone(),
-                    values,
+                    values: e.decode(&file.bytes),
                     file_dtype: e.dtype,
                 };
                 (name.clone(), t)
@@ -213,11 +212,10 @@ impl TensorFile {
             (name.as_str(), Encoded { t, dtype })
         });
         let metadata = [("format".to_string(), "pt".to_string())].into();
-        let tmp = path.with_extension("partial");
-        safetensors::serialize_to_file(views, Some(metadata), &tmp)
-            .map_err(|e| file_err(&tmp, format!("cannot write: {e}")))?;
-        std::fs::rename(&tmp, path)
-            .map_err(|e| file_err(path, format!("cannot rename into place: {e}")))
+        write_via_temp(path, |tmp| {
+            safetensors::serialize_to_file(views, Some(metadata), tmp)
+                .map_err(|e| file_err(tmp, format!("cannot write: {e}")))
+        })
     }
 }
 
@@ -259,6 +257,13 @@ struct Entry {
     dtype: StoredDType,
     shape: Vec<usize>,
     range: std::ops::Range<usize>,
+}
+
+impl Entry {
+    /// This tensor's values as f32, from the bytes of its file.
+    fn decode(&self, bytes: &[u8]) -> Vec<f32> {
+        self.dtype.decode(&bytes[self.range.clone()])
+    }
 }
 
 impl WeightFile {
@@ -308,8 +313,7 @@ impl WeightFile {
 
     /// The values of tensor `name` as f32.
     pub fn decode(&self, name: &str) -> Option<Vec<f32>> {
-        let e = self.entries.get(name)?;
-        Some(e.dtype.decode(&self.bytes[e.range.clone()]))
+        Some(self.entries.get(name)?.decode(&self.bytes))
     }
 
     /// Give tensor `from` the name `to` and, when given, another shape of
@@ -329,8 +333,15 @@ impl WeightFile {
 /// Write a file through a temporary beside it and a rename, so a crash
 /// never leaves a half-written file under the final name.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_via_temp(path, |tmp| {
+        std::fs::write(tmp, bytes).map_err(|e| file_err(tmp, format!("cannot write: {e}")))
+    })
+}
+
+/// Let `write` fill a temporary file beside `path`, then rename it into place.
+fn write_via_temp(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, bytes).map_err(|e| file_err(&tmp, format!("cannot write: {e}")))?;
+    write(&tmp)?;
     std::fs::rename(&tmp, path)
         .map_err(|e| file_err(path, format!("cannot rename into place: {e}")))
 }

@@ -53,17 +53,20 @@ pub struct Outputs {
 }
 
 /// The largest divisor of `batch` whose traced graph fits the adapter's
-/// binding and buffer limits (planning is cheap: nothing is allocated).
-fn micro_batch(
+/// binding and buffer limits (planning is cheap: nothing is allocated), and
+/// that trace. `graph_of` picks the graph and run spec out of a trace.
+fn micro_batch<T>(
     gpu: &Gpu,
     batch: usize,
-    trace: impl Fn(usize) -> Result<(Graph, RunSpec)>,
-) -> Result<usize> {
+    trace: impl Fn(usize) -> Result<T>,
+    graph_of: impl Fn(&T) -> (&Graph, &RunSpec),
+) -> Result<(usize, T)> {
     let mut last = None;
     for mb in (1..=batch).rev().filter(|d| batch.is_multiple_of(*d)) {
-        let (g, spec) = trace(mb)?;
-        match Plan::build(&g, &gpu.caps, &spec) {
-            Ok(_) => return Ok(mb),
+        let traced = trace(mb)?;
+        let (g, spec) = graph_of(&traced);
+        match Plan::build(g, &gpu.caps, spec) {
+            Ok(_) => return Ok((mb, traced)),
             Err(e @ (Error::BindingTooLarge { .. } | Error::BufferTooLarge { .. })) => {
                 last = Some(e)
             }
@@ -223,8 +226,7 @@ pub fn unet_forward(
             pred,
         })
     };
-    let mb = micro_batch(gpu, b, |mb| trace(mb).map(|tr| (tr.g, tr.spec)))?;
-    let tr = trace(mb)?;
+    let (mb, tr) = micro_batch(gpu, b, trace, |tr| (&tr.g, &tr.spec))?;
     warn_unused(&tr.g, &weights);
     let params = tr.g.params();
     let mut reads = vec![Read::Value(tr.pred)];
@@ -327,8 +329,7 @@ pub fn text_encoder_forward(
         };
         Ok((g, spec, [ids, pos, h]))
     };
-    let mb = micro_batch(gpu, n, |mb| trace(mb).map(|(g, s, _)| (g, s)))?;
-    let (g, spec, [ids, pos, h]) = trace(mb)?;
+    let (mb, (g, spec, [ids, pos, h])) = micro_batch(gpu, n, trace, |(g, s, _)| (g, s))?;
     if clip_skip == 0 {
         warn_unused(&g, &weights);
     }
@@ -421,8 +422,7 @@ fn stream<const N: usize>(
     trace: impl Fn(usize) -> Result<(Graph, RunSpec, [TensorId; N])>,
 ) -> Result<(Vec<HostTensor>, RunReport)> {
     let b = input.shape[0];
-    let mb = micro_batch(gpu, b, |mb| trace(mb).map(|(g, s, _)| (g, s)))?;
-    let (g, spec, ids) = trace(mb)?;
+    let (mb, (g, spec, ids)) = micro_batch(gpu, b, trace, |(g, s, _)| (g, s))?;
     let reads: Vec<Read> = ids[1..].iter().map(|&t| Read::Value(t)).collect();
     let mut run = Run::new(gpu, g, spec, weights, mb)?;
     let mut joined: Vec<Joined> = (1..N).map(|_| Joined::default()).collect();

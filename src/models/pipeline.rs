@@ -125,8 +125,4 @@ impl PipelineDir {
             tokenizer,
         })
     }
-
-    pub fn component(&self, name: &str) -> PathBuf {
-        self.root.join(name)
-    }
 }
