@@ -91,6 +91,7 @@ fn main() -> Result<()> {
     let choice = AdapterChoice {
         backend: cli.backend.clone(),
         name: cli.adapter.clone(),
+        timestamps: false,
     };
     match cli.command {
         Command::Info => cli::info::info(&choice),

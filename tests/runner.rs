@@ -417,20 +417,33 @@ fn training_steps_are_bit_identical_run_to_run() {
 fn profiled_step_times_every_dispatch() {
     // A two-layer MLP: the profile has one GPU time per dispatch, in
     // schedule order, and profiling is a step like any other.
-    let gpu = gpu();
-    let mut g = Graph::new();
-    let x = g.input("x", &[4, 8], DType::F32);
-    let w = g.param("w", &[16, 8]);
-    let h = g.linear(x, w, None).unwrap();
-    let y = g.silu(h);
-    let spec = RunSpec {
-        outputs: vec![y],
-        ..Default::default()
+    let session = |gpu: &Gpu| {
+        let mut g = Graph::new();
+        let x = g.input("x", &[4, 8], DType::F32);
+        let w = g.param("w", &[16, 8]);
+        let h = g.linear(x, w, None).unwrap();
+        let y = g.silu(h);
+        let spec = RunSpec {
+            outputs: vec![y],
+            ..Default::default()
+        };
+        let s = Session::new(gpu, Arc::new(g), spec).unwrap();
+        s.write(x, &[0.5; 32]).unwrap();
+        s.write(w, &[0.25; 128]).unwrap();
+        (s, y)
     };
-    let mut s = Session::new(gpu, Arc::new(g), spec).unwrap();
-    s.write(x, &[0.5; 32]).unwrap();
-    s.write(w, &[0.25; 128]).unwrap();
-    if !gpu.caps.timestamps {
+    // A device opened without asking for timestamps has none, and says so.
+    let (mut s, _) = session(gpu());
+    let err = s.profile_step().unwrap_err().to_string();
+    assert!(err.contains("timestamp"), "{err}");
+
+    let choice = difftrain::gpu::AdapterChoice {
+        timestamps: true,
+        ..difftrain::gpu::AdapterChoice::from_env()
+    };
+    let timed = Gpu::new_blocking(&choice).unwrap();
+    let (mut s, y) = session(&timed);
+    if !timed.caps.timestamps {
         let err = s.profile_step().unwrap_err().to_string();
         assert!(err.contains("timestamp"), "{err}");
         return;

@@ -24,7 +24,7 @@ pub fn bench_ops(
             filter.unwrap_or_default()
         );
     }
-    run_cases(&gpu, &cases, iters, profile)
+    run_cases(&gpu, choice, &cases, iters, profile)
 }
 
 /// The input of a `bench unet` run.
@@ -55,7 +55,7 @@ pub fn bench_unet(
     if !forward_only {
         cases.push(difftrain::bench::unet_case(config, batch, latent, true)?);
     }
-    run_cases(&gpu, &cases, iters, profile)
+    run_cases(&gpu, choice, &cases, iters, profile)
 }
 
 fn open(choice: &AdapterChoice) -> Result<Gpu> {
@@ -67,8 +67,12 @@ fn open(choice: &AdapterChoice) -> Result<Gpu> {
     Ok(gpu)
 }
 
+/// Time `cases` on `gpu`; with `profile`, profile them again on a second
+/// device opened with timestamp queries (which slow some drivers, so the
+/// timed runs go without them).
 fn run_cases(
     gpu: &Gpu,
+    choice: &AdapterChoice,
     cases: &[difftrain::bench::BenchCase],
     iters: usize,
     profile: bool,
@@ -82,8 +86,13 @@ fn run_cases(
     }
     print!("{}", difftrain::bench::table(&results));
     if profile {
+        let timed = AdapterChoice {
+            timestamps: true,
+            ..choice.clone()
+        };
+        let gpu = Gpu::new_blocking(&timed)?;
         for case in cases {
-            let rows = difftrain::bench::profile_case(gpu, case, iters)
+            let rows = difftrain::bench::profile_case(&gpu, case, iters)
                 .with_context(|| format!("profiling {} {}", case.name, case.shape))?;
             let pass = if case.backward { "fwd+bwd" } else { "fwd" };
             println!(

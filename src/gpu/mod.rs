@@ -23,7 +23,7 @@ pub struct Capabilities {
     /// Subgroup builtins (wgpu `SUBGROUP`).
     pub subgroups: bool,
     /// GPU timestamps around compute passes (wgpu `TIMESTAMP_QUERY`), for
-    /// per-dispatch profiles.
+    /// per-dispatch profiles; only when asked for (`AdapterChoice::timestamps`).
     pub timestamps: bool,
     /// Smallest subgroup size the adapter reports (0 when unknown).
     pub subgroup_min_size: u32,
@@ -53,12 +53,15 @@ pub struct Gpu {
 
 impl Gpu {
     /// Pick an adapter by `choice` and open a device with its real limits and
-    /// the optional features (SHADER_F16, SUBGROUP, TIMESTAMP_QUERY) it has.
+    /// the optional features (SHADER_F16, SUBGROUP, and TIMESTAMP_QUERY when
+    /// `choice.timestamps`) it has.
     pub async fn new(choice: &AdapterChoice) -> Result<Gpu> {
         let (adapter, _instance) = adapter::select(choice).await?;
         let info = adapter.get_info();
-        let wanted =
-            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let mut wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+        if choice.timestamps {
+            wanted |= wgpu::Features::TIMESTAMP_QUERY;
+        }
         let features = adapter.features() & wanted;
         let limits = adapter.limits();
         let (device, queue) = adapter

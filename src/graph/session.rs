@@ -292,7 +292,8 @@ impl Session {
     pub fn profile_step(&mut self) -> Result<Vec<f64>> {
         if !self.gpu.caps.timestamps {
             return Err(Error::Gpu(format!(
-                "adapter '{}' has no timestamp queries (wgpu TIMESTAMP_QUERY); cannot profile",
+                "device on '{}' has no timestamp queries (open it with AdapterChoice::timestamps, \
+                 on an adapter with wgpu TIMESTAMP_QUERY); cannot profile",
                 self.gpu.info.name
             )));
         }
