@@ -56,11 +56,12 @@ fn clip_scale(@builtin(local_invocation_index) lid: u32) {
 }
 
 //@ entry adamw
-//@ tensors param:rw grad:read m:rw v:rw hyper:read scale:read
+//@ tensors param:rw grad:rw m:rw v:rw hyper:read scale:read
 //@ const CLIP = false
+//@ const ZERO_GRAD = false
 // One AdamW update of the first n elements of the bound windows of param,
 // grad, m and v. hyper = [lr, 1 - beta1^t, 1 - beta2^t]; written by the host
-// each step.
+// each step. ZERO_GRAD (gradient accumulation) clears grad once read.
 struct Params { n: u32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32 }
 @compute @workgroup_size(WG)
 fn adamw(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -68,6 +69,7 @@ fn adamw(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     if (i >= p.n) { return; }
     let lr = hyper_load(0u);
     var g = grad_load(i);
+    if (ZERO_GRAD) { grad_store(i, 0.0); }
     if (CLIP) { g *= scale_load(0u); }
     let w = param_load(i) * (1.0 - lr * p.weight_decay);
     let m = p.beta1 * m_load(i) + (1.0 - p.beta1) * g;

@@ -18,6 +18,8 @@ pub mod io;
 pub mod models;
 pub mod nn;
 pub mod ops;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod train;
 
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -16,8 +16,8 @@ use difftrain::Gpu;
 a WGSL compute shader run through wgpu, so one code path runs on Vulkan, Metal, DX12 and browser \
 WebGPU. Without a GPU it runs on Mesa's Vulkan CPU driver (lavapipe: apt-get install \
 mesa-vulkan-drivers). Models load from and save to diffusers' folder layout (UNet, CLIP text \
-encoder + tokenizer, VAE). This version runs the models (forward, init) and the benchmarks; the \
-training and sampling commands come next."
+encoder + tokenizer, VAE). `difftrain train` with no arguments trains a small built-in model on a \
+built-in dataset in a few minutes on a CPU."
 )]
 struct Cli {
     /// Graphics backend(s) to use: vulkan, metal, dx12, gl, webgpu (comma separated).
@@ -32,6 +32,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train the UNet (the spec's step with DREAM, checkpoints, resume). With no config: the
+    /// built-in small model on the built-in dataset, into ./difftrain-output.
+    Train(cli::train::TrainArgs),
     /// Show the adapters found, and the selected one's backend, driver, limits and features.
     Info,
     /// Run benchmarks and print time, GFLOP/s or GB/s, dispatches and memory per step.
@@ -47,6 +50,9 @@ enum Command {
     },
     /// Write a freshly initialized model folder (diffusers layout) from a config.json.
     Init(cli::init::InitArgs),
+    /// One exact training step on given tensors (latents, noise, timesteps, text states),
+    /// to check against a PyTorch step.
+    Step(cli::step::StepArgs),
 }
 
 #[derive(Subcommand)]
@@ -87,6 +93,7 @@ enum BenchWhat {
 }
 
 fn main() -> Result<()> {
+    cli::quiet_display_probe();
     let cli = Cli::parse();
     let choice = AdapterChoice {
         backend: cli.backend.clone(),
@@ -123,5 +130,7 @@ fn main() -> Result<()> {
         }
         Command::Forward { what } => cli::forward::run(&Gpu::new_blocking(&choice)?, what),
         Command::Init(args) => cli::init::run(args),
+        Command::Train(args) => cli::train::run(&Gpu::new_blocking(&choice)?, args),
+        Command::Step(args) => cli::step::run(&Gpu::new_blocking(&choice)?, args),
     }
 }

@@ -43,6 +43,7 @@ pub static SOURCES: &[(&str, &str)] = &[
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
     ("attention", include_str!("../../shaders/attention.wgsl")),
     ("conv2d", include_str!("../../shaders/conv2d.wgsl")),
+    ("diffusion", include_str!("../../shaders/diffusion.wgsl")),
 ];
 
 /// How a kernel uses a tensor binding.

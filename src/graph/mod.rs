@@ -135,19 +135,36 @@ impl Graph {
     /// A parameter of the current module: its name is the scope path plus
     /// `leaf` (diffusers' state-dict key, e.g. `conv_in.weight`); trainable
     /// unless built inside [`Graph::frozen`].
-    pub fn module_param(&mut self, leaf: &str, shape: &[usize], init: Init) -> TensorId {
+    ///
+    /// Tracing a module a second time (DREAM's extra UNet pass) shares its
+    /// parameters: a name already taken returns that parameter, and a
+    /// different shape under the same name is an error.
+    pub fn module_param(&mut self, leaf: &str, shape: &[usize], init: Init) -> Result<TensorId> {
         let mut name = self.scopes.join(".");
         if !name.is_empty() {
             name.push('.');
         }
         name.push_str(leaf);
+        if let Some(t) = self.find(&name) {
+            let d = self.desc(t);
+            if !matches!(d.role, Role::Param { .. }) || d.shape != shape {
+                return Err(shape_err(
+                    "module_param",
+                    format!(
+                        "'{name}' {shape:?} is already a {:?} of shape {:?}",
+                        d.role, d.shape
+                    ),
+                ));
+            }
+            return Ok(t);
+        }
         let t = self.param(&name, shape);
         let d = &mut self.tensors[t.0];
         d.init = init;
         d.role = Role::Param {
             trainable: !self.frozen,
         };
-        t
+        Ok(t)
     }
 
     /// Run `f` with the module parameters it creates frozen (encoders that

@@ -19,6 +19,14 @@ pub trait OpKernels {
     /// forward values it needs (they stay alive until this runs).
     fn backward(&self, e: &mut Emit, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()>;
 
+    /// Whether gradients flow through this op. An op that returns false
+    /// (random sampling, the DREAM update) detaches its outputs: nothing
+    /// computed from them asks its inputs for a gradient, so a no-grad pass
+    /// feeding it keeps no activations for backward.
+    fn differentiable(&self) -> bool {
+        true
+    }
+
     /// Floating-point operations of the forward pass (for benchmarks).
     fn flops(&self, _g: &Graph, _inputs: &[TensorId], _outputs: &[TensorId]) -> u64 {
         0
@@ -92,6 +100,15 @@ op_enum! {
     // transpose
     /// Swap of the last two dims.
     TransposeLast2(ops::transpose::TransposeLast2),
+    // diffusion
+    /// Per-sample timesteps uniform over the train timesteps (counter-based RNG).
+    RandomTimesteps(ops::diffusion::RandomTimesteps),
+    /// N(0, 1) noise (counter-based RNG), with diffusers' noise offset.
+    RandomNormal(ops::diffusion::RandomNormal),
+    /// DDPMScheduler add_noise / get_velocity.
+    Noising(ops::diffusion::Noising),
+    /// The DREAM update of (xt, target) (detached).
+    DreamUpdate(ops::diffusion::DreamUpdate),
     // embedding
     /// Sinusoidal timestep embedding (forward only).
     TimestepEmbedding(ops::embedding::TimestepEmbedding),

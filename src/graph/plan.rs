@@ -51,6 +51,10 @@ pub struct RunSpec {
     /// Store f16 packed in u32 even where the adapter has SHADER_F16 (tests
     /// use it to cover the portable path on any adapter).
     pub force_packed_f16: bool,
+    /// Gradient accumulation: parameter gradients add up over steps run
+    /// with [`crate::Session::step_accumulate`] (no optimizer), and the
+    /// optimizer zeroes each gradient after using it.
+    pub accumulate_grads: bool,
 }
 
 /// One planned allocation (a tensor's values or gradient, scratch, state).
@@ -105,6 +109,8 @@ pub struct Plan {
     pub adamw_step: Option<Slot>,
     pub adamw: Option<AdamW>,
     pub trained_params: Vec<TensorId>,
+    /// `kernels[optimizer_start..]` are the optimizer's (clipping, AdamW).
+    pub optimizer_start: usize,
 }
 
 /// Keys of storages: slots that share memory map to one key.
@@ -168,9 +174,13 @@ impl Plan {
                     .inputs
                     .iter()
                     .map(|&i| {
-                        requires.contains(&root(i)).then(|| GradTarget {
-                            slot: Slot::Grad(i),
-                            accumulate: !written.insert(root(i)),
+                        requires.contains(&root(i)).then(|| {
+                            let first = written.insert(root(i));
+                            let param = matches!(graph.desc(root(i)).role, Role::Param { .. });
+                            GradTarget {
+                                slot: Slot::Grad(i),
+                                accumulate: !first || (param && spec.accumulate_grads),
+                            }
                         })
                     })
                     .collect();
@@ -197,10 +207,16 @@ impl Plan {
         }
 
         // 3. Optimizer.
+        let optimizer_start = e.kernels.len();
         let mut adamw_step = None;
         if let Some(opt) = &spec.optimizer {
             e.node_name = "adamw".into();
-            adamw_step = Some(crate::ops::optim::emit_adamw(&mut e, &trained_params, opt)?);
+            adamw_step = Some(crate::ops::optim::emit_adamw(
+                &mut e,
+                &trained_params,
+                opt,
+                spec.accumulate_grads,
+            )?);
         }
 
         // 4. Slots -> storages.
@@ -341,6 +357,7 @@ impl Plan {
             adamw_step,
             adamw: spec.optimizer.clone(),
             trained_params,
+            optimizer_start,
         })
     }
 }
@@ -415,7 +432,8 @@ pub fn normalize(graph: &Graph, slot: Slot) -> Slot {
 }
 
 /// Storage roots whose gradient the backward pass needs: trainable parameters,
-/// inputs that ask for one, and everything computed from them.
+/// inputs that ask for one, and everything computed from them through
+/// differentiable ops.
 fn requires_grad(graph: &Graph) -> HashSet<TensorId> {
     let mut req: HashSet<TensorId> = graph
         .tensors
@@ -432,7 +450,11 @@ fn requires_grad(graph: &Graph) -> HashSet<TensorId> {
         })
         .map(|(i, _)| TensorId(i))
         .collect();
-    for node in &graph.nodes {
+    for node in graph
+        .nodes
+        .iter()
+        .filter(|n| n.op.kernels().differentiable())
+    {
         if node
             .inputs
             .iter()

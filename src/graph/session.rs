@@ -240,9 +240,107 @@ impl Session {
         self.optimizer_step
     }
 
+    /// Set the optimizer's step count (resuming from a checkpoint).
+    pub fn set_optimizer_steps(&mut self, steps: u64) {
+        self.optimizer_step = steps;
+    }
+
+    /// The persistent storage labelled `label` (optimizer state: `adamw.m.NAME`,
+    /// `adamw.v.NAME`, `adamw.clip`).
+    fn state(&self, label: &str) -> Result<&super::plan::StorageDesc> {
+        self.plan
+            .storages
+            .iter()
+            .find(|s| s.persistent && s.label == label)
+            .ok_or_else(|| Error::Tensor {
+                name: label.to_string(),
+                msg: "no such state in this session".into(),
+            })
+    }
+
+    /// Labels of the optimizer's persistent state, in plan order.
+    pub fn state_labels(&self) -> Vec<String> {
+        self.plan
+            .storages
+            .iter()
+            .filter(|s| s.persistent && s.label.starts_with("adamw."))
+            .map(|s| s.label.clone())
+            .collect()
+    }
+
+    /// Read a persistent state storage (e.g. an AdamW moment) as f32.
+    pub async fn read_state(&self, label: &str) -> Result<Vec<f32>> {
+        let s = self.state(label)?;
+        let raw = read_buffer(
+            &self.gpu,
+            &self.buffers[s.buffer],
+            (s.numel * s.dtype.size_bytes()) as u64,
+        )
+        .await?;
+        Ok(s.dtype.decode(&raw, s.numel))
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read_state_blocking(&self, label: &str) -> Result<Vec<f32>> {
+        pollster::block_on(self.read_state(label))
+    }
+
+    /// Overwrite a persistent state storage (restoring a checkpoint).
+    pub fn write_state(&self, label: &str, values: &[f32]) -> Result<()> {
+        let s = self.state(label)?;
+        if values.len() != s.numel {
+            return Err(Error::Tensor {
+                name: label.to_string(),
+                msg: format!("expected {} values, got {}", s.numel, values.len()),
+            });
+        }
+        self.gpu
+            .write(&self.buffers[s.buffer], &s.dtype.encode(values));
+        Ok(())
+    }
+
+    /// Copy the values of `src` (readable in this session) into the input
+    /// `dst` of `other` on the GPU, without a readback (an encoder's output
+    /// feeding the UNet's session). Shapes must match.
+    pub fn copy_to(&self, src: TensorId, other: &Session, dst: TensorId) -> Result<()> {
+        let (a, b) = (self.graph.desc(src), other.graph.desc(dst));
+        if a.shape != b.shape || a.dtype != b.dtype {
+            return Err(Error::Tensor {
+                name: b.name.clone(),
+                msg: format!(
+                    "cannot copy '{}' {:?} {} into it ({:?} {})",
+                    a.name, a.shape, a.dtype, b.shape, b.dtype
+                ),
+            });
+        }
+        let (from, _) = self.buffer_of(Slot::Value(src))?;
+        let (to, _) = other.buffer_of(Slot::Value(dst))?;
+        let mut enc = self
+            .gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("copy"),
+            });
+        let bytes = a.dtype.buffer_bytes(a.numel());
+        enc.copy_buffer_to_buffer(from, 0, to, 0, bytes);
+        self.gpu.queue.submit([enc.finish()]);
+        Ok(())
+    }
+
     /// Encode every dispatch of the schedule into one pass and submit once.
     pub fn step(&mut self) -> Result<()> {
         self.write_optimizer_step()?;
+        self.submit(self.kernels.len())
+    }
+
+    /// A step without the optimizer: with `RunSpec::accumulate_grads`, the
+    /// parameter gradients add up until the next [`Session::step`].
+    pub fn step_accumulate(&mut self) -> Result<()> {
+        self.submit(self.plan.optimizer_start)
+    }
+
+    /// Encode the first `count` dispatches into one pass and submit once.
+    fn submit(&self, count: usize) -> Result<()> {
         let mut enc = self
             .gpu
             .device
@@ -254,7 +352,7 @@ impl Session {
                 label: Some("step"),
                 timestamp_writes: None,
             });
-            for k in &self.kernels {
+            for k in &self.kernels[..count] {
                 k.dispatch(&mut pass);
             }
         }

@@ -158,12 +158,12 @@ impl ClipTextModel {
             g.scoped("text_model", |g| {
                 let h = g.scoped("embeddings", |g| {
                     let tok =
-                        g.module_param("token_embedding.weight", &[c.vocab_size, d], embed_std);
+                        g.module_param("token_embedding.weight", &[c.vocab_size, d], embed_std)?;
                     let pos = g.module_param(
                         "position_embedding.weight",
                         &[c.max_position_embeddings, d],
                         embed_std,
-                    );
+                    )?;
                     let t = g.embedding(input_ids, tok)?;
                     let p = g.embedding(position_ids, pos)?;
                     let s = g.shape(p)[0];
@@ -196,5 +196,23 @@ impl ClipTextModel {
                 layer_norm(g, "final_layer_norm", h, c.layer_norm_eps)
             })
         })
+    }
+}
+
+/// transformers 5 saves `CLIPTextModel` without the `text_model.` prefix
+/// (`embeddings.`, `encoder.`, `final_layer_norm.`); transformers 4 with it.
+/// Give the unprefixed names the prefix, so both load.
+pub fn upgrade_unprefixed_names(file: &mut crate::io::WeightFile) {
+    let bare: Vec<String> = file
+        .names()
+        .filter(|k| {
+            ["embeddings.", "encoder.", "final_layer_norm."]
+                .iter()
+                .any(|p| k.starts_with(p))
+        })
+        .map(str::to_string)
+        .collect();
+    for k in bare {
+        file.rename(&k, &format!("text_model.{k}"), None);
     }
 }

@@ -4,7 +4,7 @@
 //! return the outputs under the names of the CLI contract, with the time and
 //! buffer memory the run took.
 
-use super::clip::ClipTextModel;
+use super::clip::{upgrade_unprefixed_names, ClipTextModel};
 use super::unet::UNet;
 use super::vae::{upgrade_legacy_names, Vae};
 use super::weights::{load_params, warn_unused, weights_path};
@@ -290,7 +290,8 @@ pub fn text_encoder_forward(
     clip_skip: usize,
 ) -> Result<(HostTensor, RunReport)> {
     let model = ClipTextModel::from_config_file(&model_dir.join("config.json"))?;
-    let weights = WeightFile::read(&weights_path(model_dir, "model")?)?;
+    let mut weights = WeightFile::read(&weights_path(model_dir, "model")?)?;
+    upgrade_unprefixed_names(&mut weights);
     let c = &model.config;
     let ids_err = |msg: String| Error::Tensor {
         name: "input_ids".into(),

@@ -34,8 +34,10 @@ pub fn linear_init(
     bias: Option<Init>,
 ) -> Result<TensorId> {
     g.scoped(name, |g| {
-        let w = g.module_param("weight", &[out, fan_in], weight);
-        let b = bias.map(|init| g.module_param("bias", &[out], init));
+        let w = g.module_param("weight", &[out, fan_in], weight)?;
+        let b = bias
+            .map(|init| g.module_param("bias", &[out], init))
+            .transpose()?;
         g.linear(x, w, b)
     })
 }
@@ -72,8 +74,8 @@ pub fn conv2d(g: &mut Graph, name: &str, x: TensorId, c: Conv) -> Result<TensorI
             "weight",
             &[c.cout, c.cin, c.kernel, c.kernel],
             fan_in_bound(fan_in),
-        );
-        let b = g.module_param("bias", &[c.cout], fan_in_bound(fan_in));
+        )?;
+        let b = g.module_param("bias", &[c.cout], fan_in_bound(fan_in))?;
         g.conv2d_padded(x, w, Some(b), [c.stride; 2], c.padding)
     })
 }
@@ -90,8 +92,8 @@ pub fn group_norm(
 ) -> Result<TensorId> {
     let c = g.shape(x).get(1).copied().unwrap_or(0);
     g.scoped(name, |g| {
-        let w = g.module_param("weight", &[c], Init::Const(1.0));
-        let b = g.module_param("bias", &[c], Init::Const(0.0));
+        let w = g.module_param("weight", &[c], Init::Const(1.0))?;
+        let b = g.module_param("bias", &[c], Init::Const(0.0))?;
         if silu {
             g.group_norm_silu(x, w, b, groups, eps)
         } else {
@@ -104,8 +106,8 @@ pub fn group_norm(
 pub fn layer_norm(g: &mut Graph, name: &str, x: TensorId, eps: f32) -> Result<TensorId> {
     let d = g.shape(x).last().copied().unwrap_or(0);
     g.scoped(name, |g| {
-        let w = g.module_param("weight", &[d], Init::Const(1.0));
-        let b = g.module_param("bias", &[d], Init::Const(0.0));
+        let w = g.module_param("weight", &[d], Init::Const(1.0))?;
+        let b = g.module_param("bias", &[d], Init::Const(0.0))?;
         g.layer_norm(x, w, b, eps)
     })
 }

@@ -17,8 +17,16 @@ const WG: u32 = 256;
 
 /// Emit the optimizer step for `params` (after the backward pass). Returns
 /// the persistent `hyper` slot the host fills each step with
-/// `[lr, 1 - beta1^t, 1 - beta2^t, 0]`.
-pub fn emit_adamw(e: &mut Emit, params: &[TensorId], opt: &AdamW) -> Result<Slot> {
+/// `[lr, 1 - beta1^t, 1 - beta2^t, 0]`. The global gradient norm (before
+/// clipping) lands in the persistent `adamw.clip` slot when clipping is on.
+/// With `zero_grads` (gradient accumulation) each gradient is zeroed once
+/// used, ready for the next accumulation.
+pub fn emit_adamw(
+    e: &mut Emit,
+    params: &[TensorId],
+    opt: &AdamW,
+    zero_grads: bool,
+) -> Result<Slot> {
     let hyper = e.persistent("adamw.hyper", 4, DType::F32);
     // A parameter, its gradient and its moments are all f32 of one size, so
     // one set of windows serves them all (one window unless it exceeds a binding).
@@ -72,6 +80,9 @@ pub fn emit_adamw(e: &mut Emit, params: &[TensorId], opt: &AdamW) -> Result<Slot
                 .bind("hyper", hyper);
             if let Some(s) = scale {
                 k = k.bind("scale", s).konst("CLIP", "true");
+            }
+            if zero_grads {
+                k = k.konst("ZERO_GRAD", "true");
             }
             e.push(
                 k.u32(w.numel)

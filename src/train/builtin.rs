@@ -1,0 +1,94 @@
+//! The built-in default of `difftrain train`: a small pipeline (UNet, CLIP
+//! text encoder and tokenizer, VAE, DDPM scheduler) made from the configs in
+//! `src/train/builtin/` and fixed seeds, and the preset options
+//! (`builtin/train.toml`) that train its UNet on the built-in procedural
+//! dataset (`data.rs`) in a few minutes on a CPU.
+
+use crate::error::{file_err, Result};
+use crate::models::init::{init_model, Component};
+use std::path::{Path, PathBuf};
+
+/// The preset config of the built-in run; a user's config and `--set`
+/// overrides apply on top.
+pub const PRESET: &str = include_str!("builtin/train.toml");
+
+/// (path in the pipeline folder, contents) of every config file.
+const FILES: &[(&str, &str)] = &[
+    ("model_index.json", include_str!("builtin/model_index.json")),
+    ("unet/config.json", include_str!("builtin/unet.json")),
+    (
+        "text_encoder/config.json",
+        include_str!("builtin/text_encoder.json"),
+    ),
+    ("vae/config.json", include_str!("builtin/vae.json")),
+    (
+        "scheduler/scheduler_config.json",
+        include_str!("builtin/scheduler_config.json"),
+    ),
+    // A real CLIP BPE vocabulary cut to its first 2000 merges (the test
+    // fixture's, from open_clip's bpe_simple_vocab_16e6).
+    (
+        "tokenizer/vocab.json",
+        include_str!("../../tests/fixtures/tokenizer/vocab.json"),
+    ),
+    (
+        "tokenizer/merges.txt",
+        include_str!("../../tests/fixtures/tokenizer/merges.txt"),
+    ),
+    (
+        "tokenizer/tokenizer_config.json",
+        include_str!("../../tests/fixtures/tokenizer/tokenizer_config.json"),
+    ),
+    (
+        "tokenizer/special_tokens_map.json",
+        include_str!("../../tests/fixtures/tokenizer/special_tokens_map.json"),
+    ),
+];
+
+/// Initialization seeds of the three models.
+const SEEDS: [(Component, &str, u64); 3] = [
+    (Component::Unet, "unet", 0),
+    (Component::TextEncoder, "text_encoder", 1),
+    (Component::Vae, "vae", 2),
+];
+
+/// The folder holding the built-in pipeline: under the system's temporary
+/// folder, named by a hash of the configs, so a changed config makes a new
+/// one. Built on first use; rebuilding gives identical files.
+pub fn pipeline_dir() -> Result<PathBuf> {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64; // FNV-1a
+    for (path, text) in FILES {
+        for b in path.bytes().chain(text.bytes()) {
+            hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("difftrain-builtin-{hash:016x}"));
+    if !dir.join("model_index.json").exists() {
+        write_pipeline(&dir)?;
+    }
+    Ok(dir)
+}
+
+/// Write the built-in pipeline into `dir` through a temporary folder and a
+/// rename, so a crash never leaves half a pipeline under the final name.
+pub fn write_pipeline(dir: &Path) -> Result<()> {
+    let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+    let io = |p: &Path, e: std::io::Error| file_err(p, e.to_string());
+    for (path, text) in FILES {
+        let p = tmp.join(path);
+        std::fs::create_dir_all(p.parent().expect("a file in a folder")).map_err(|e| io(&p, e))?;
+        std::fs::write(&p, text).map_err(|e| io(&p, e))?;
+    }
+    for (component, name, seed) in SEEDS {
+        let folder = tmp.join(name);
+        init_model(component, &folder.join("config.json"), &folder, seed, false)?;
+    }
+    match std::fs::rename(&tmp, dir) {
+        Ok(()) => Ok(()),
+        // Another process built it first: theirs is identical.
+        Err(_) if dir.join("model_index.json").exists() => {
+            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))
+        }
+        Err(e) => Err(io(dir, e)),
+    }
+}

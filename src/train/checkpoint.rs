@@ -1,0 +1,217 @@
+//! Checkpoints: the whole training state in `OUTPUT_DIR/checkpoint-STEP/`
+//! (diffusers' naming), written atomically (a temporary folder, fsync,
+//! rename) and read back exactly.
+//!
+//! ```text
+//! checkpoint-STEP/
+//!   unet/config.json, unet/diffusion_pytorch_model.safetensors   (diffusers layout)
+//!   optimizer.safetensors    AdamW moments `adamw.m.NAME`, `adamw.v.NAME` (f32)
+//!   trainer_state.json       step, micro-step (the RNG counter), data position,
+//!                            seed, LR schedule, images skipped, time
+//!   config.toml              the resolved config
+//! ```
+//! Because noise and timesteps come from a counter-based generator, the
+//! micro-step counter is all the RNG state there is.
+
+use super::data::Position;
+use super::lr::LrSchedule;
+use crate::error::{file_err, Error, Result};
+use crate::graph::Session;
+use crate::io::config::write_config;
+use crate::io::{HostTensor, TensorFile, WeightFile};
+use crate::models::weights::{load_params, read_params};
+use crate::models::UNet;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Everything besides tensors that a resumed run needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub global_step: u64,
+    /// Micro-batches done: the random generator's counter.
+    pub micro_step: u64,
+    /// Where the data loader continues.
+    pub position: Position,
+    pub seed: u64,
+    pub lr_scheduler: LrSchedule,
+    pub learning_rate: f32,
+    pub lr_warmup_steps: u64,
+    pub max_train_steps: u64,
+    pub images_skipped: u64,
+    /// Training time so far, seconds.
+    pub elapsed_s: f64,
+}
+
+const STATE: &str = "trainer_state.json";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const UNET_WEIGHTS: &str = "unet/diffusion_pytorch_model.safetensors";
+
+/// The folder name of the checkpoint after `step` optimizer steps.
+pub fn name(step: u64) -> String {
+    format!("checkpoint-{step}")
+}
+
+/// Complete checkpoints in `output_dir`, oldest first. Leftovers of an
+/// interrupted write (hidden temporary folders) are not checkpoints.
+pub fn list(output_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let step = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()?;
+            e.path().join(STATE).is_file().then(|| (step, e.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The newest complete checkpoint.
+pub fn latest(output_dir: &Path) -> Option<PathBuf> {
+    list(output_dir).pop().map(|(_, p)| p)
+}
+
+/// Write the checkpoint of `state.global_step` into `output_dir`, then keep
+/// only the newest `keep` (all when None). A checkpoint already there is
+/// left as it is.
+pub fn save(
+    output_dir: &Path,
+    session: &Session,
+    unet: &UNet,
+    state: &TrainerState,
+    config_toml: &str,
+    keep: Option<usize>,
+) -> Result<PathBuf> {
+    let dir = output_dir.join(name(state.global_step));
+    if dir.join(STATE).is_file() {
+        return Ok(dir);
+    }
+    let tmp = output_dir.join(format!(".{}.tmp", name(state.global_step)));
+    let io = |p: &Path, e: std::io::Error| file_err(p, e.to_string());
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(tmp.join("unet")).map_err(|e| io(&tmp, e))?;
+
+    write_unet(&tmp.join("unet"), session, unet)?;
+    let mut opt = TensorFile::new(&tmp.join(OPTIMIZER));
+    for label in session.state_labels() {
+        if label.starts_with("adamw.m.") || label.starts_with("adamw.v.") {
+            let v = session.read_state_blocking(&label)?;
+            opt.insert(&label, HostTensor::f32(&[v.len()], v));
+        }
+    }
+    opt.write(&tmp.join(OPTIMIZER), None)?;
+    let json = serde_json::to_string_pretty(state).map_err(|e| file_err(&tmp, e.to_string()))?;
+    std::fs::write(tmp.join("config.toml"), config_toml).map_err(|e| io(&tmp, e))?;
+    // The state file last: a folder without it is not a checkpoint.
+    std::fs::write(tmp.join(STATE), json).map_err(|e| io(&tmp, e))?;
+    sync_tree(&tmp)?;
+    std::fs::rename(&tmp, &dir).map_err(|e| io(&dir, e))?;
+    sync_dir(output_dir)?;
+    if let Some(keep) = keep {
+        let all = list(output_dir);
+        for (_, old) in &all[..all.len().saturating_sub(keep)] {
+            std::fs::remove_dir_all(old).map_err(|e| io(old, e))?;
+        }
+    }
+    Ok(dir)
+}
+
+/// The UNet's `config.json` and weights (diffusers layout) into `dir`.
+pub fn write_unet(dir: &Path, session: &Session, unet: &UNet) -> Result<()> {
+    let header = [("_class_name", serde_json::json!("UNet2DConditionModel"))];
+    write_config(&dir.join("config.json"), &header, &unet.config)?;
+    let path = dir.join("diffusion_pytorch_model.safetensors");
+    read_params(session, &path)?.write(&path, None)
+}
+
+/// Restore a checkpoint into `session` (whose graph is `unet`'s training
+/// step): weights, optimizer moments and step count. Returns its state. A
+/// missing or truncated file, a tensor of another shape, or a UNet config
+/// other than the one being trained is an error naming the file and tensor.
+pub fn load(dir: &Path, session: &mut Session, unet: &UNet) -> Result<TrainerState> {
+    let state_path = dir.join(STATE);
+    let text = std::fs::read_to_string(&state_path)
+        .map_err(|e| file_err(&state_path, format!("cannot read ({e}); not a checkpoint")))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| file_err(&state_path, format!("damaged: {e}")))?;
+
+    check_same_config(&dir.join("unet").join("config.json"), unet)?;
+    let weights = WeightFile::read(&dir.join(UNET_WEIGHTS))?;
+    load_params(session, &weights)?;
+
+    let opt_path = dir.join(OPTIMIZER);
+    let opt = TensorFile::read(&opt_path)?;
+    for label in session.state_labels() {
+        if !(label.starts_with("adamw.m.") || label.starts_with("adamw.v.")) {
+            continue;
+        }
+        let t = opt.get(&label)?;
+        session
+            .write_state(&label, &t.values)
+            .map_err(|e| Error::Tensor {
+                name: label.clone(),
+                msg: format!("in {}: {e}", opt_path.display()),
+            })?;
+    }
+    session.set_optimizer_steps(state.global_step);
+    Ok(state)
+}
+
+/// The checkpoint's UNet config must be the one being trained.
+fn check_same_config(path: &Path, unet: &UNet) -> Result<()> {
+    let saved = crate::io::config::read_json(path)?;
+    let current = match serde_json::to_value(&unet.config) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => return Err(file_err(path, "cannot compare configs")),
+    };
+    for (k, v) in &current {
+        if saved.get(k) != Some(v) {
+            return Err(Error::Config {
+                path: path.display().to_string(),
+                field: k.clone(),
+                msg: format!(
+                    "the checkpoint's UNet has {}, the model being trained {v}",
+                    saved
+                        .get(k)
+                        .map_or("no value".to_string(), |s| s.to_string())
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// fsync every file under `dir` and the folders themselves.
+fn sync_tree(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| file_err(dir, e.to_string()))?;
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            sync_tree(&p)?;
+        } else {
+            std::fs::File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| file_err(&p, format!("fsync: {e}")))?;
+        }
+    }
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    // Directories can be fsynced on Unix; elsewhere opening one fails, and
+    // the rename is as durable as the platform makes it.
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+    Ok(())
+}

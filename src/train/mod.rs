@@ -1,0 +1,13 @@
+//! Training: the spec's step (noise, add_noise, targets, DREAM, forward, MSE,
+//! backward, clipping, AdamW) as one graph, and around it the config, data,
+//! learning-rate schedule, checkpoints and the loop.
+
+pub mod builtin;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod lr;
+pub mod scheduler;
+pub mod single_step;
+pub mod step;
+pub mod trainer;

@@ -1,0 +1,163 @@
+//! `difftrain step`: one exact training step on given tensors (latents,
+//! noise, timesteps, encoder_hidden_states), to check the trainer's step
+//! against PyTorch: the same graph the trainer runs, with noise and
+//! timesteps as inputs instead of drawn, from fresh AdamW state.
+
+use super::config::Config;
+use super::scheduler::NoiseSchedule;
+use super::step::{StepOptions, StepShape, TrainStep};
+use crate::error::{Error, Result};
+use crate::graph::{AdamW, Session};
+use crate::io::{HostTensor, TensorFile, WeightFile};
+use crate::models::pipeline::component_dir;
+use crate::models::weights::{load_params, weights_path};
+use crate::models::UNet;
+use crate::Gpu;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The noise schedule of a model folder: the pipeline's
+/// `scheduler/scheduler_config.json` when there is one, else
+/// `DDPMScheduler()`'s defaults; then the config's `[scheduler]` keys.
+pub fn noise_schedule(model_dir: &Path, config: &Config) -> Result<NoiseSchedule> {
+    let json = model_dir.join("scheduler").join("scheduler_config.json");
+    let base = if json.exists() {
+        NoiseSchedule::from_diffusers_json(&json)?
+    } else {
+        NoiseSchedule::default()
+    };
+    let s = config.scheduler.apply(&base);
+    s.check("[scheduler]")?;
+    Ok(s)
+}
+
+/// AdamW from the config's `[train]` options, at learning rate `lr`.
+/// Clipping always runs (max_grad_norm 0: to infinity), so the gradient
+/// norm is always measured.
+pub fn adamw(config: &Config, lr: f32) -> AdamW {
+    let t = &config.train;
+    AdamW {
+        lr,
+        beta1: t.adam_beta1,
+        beta2: t.adam_beta2,
+        eps: t.adam_epsilon,
+        weight_decay: t.adam_weight_decay,
+        max_grad_norm: Some(if t.max_grad_norm > 0.0 {
+            t.max_grad_norm
+        } else {
+            f32::INFINITY
+        }),
+    }
+}
+
+/// The step options a config asks for, with the schedule's prediction type
+/// when `[model]` sets none. DREAM with a `sample` prediction is an error
+/// naming both keys.
+pub fn step_options(
+    config: &Config,
+    schedule: &NoiseSchedule,
+    given_noise: bool,
+) -> Result<StepOptions> {
+    let prediction = config
+        .model
+        .prediction_type
+        .unwrap_or(schedule.prediction_type);
+    if config.train.dream_training && prediction == super::scheduler::PredictionType::Sample {
+        return Err(Error::Config {
+            path: "config".into(),
+            field: "train.dream_training".into(),
+            msg: "DREAM is defined for epsilon and v_prediction; model.prediction_type \
+                  (or the scheduler's) is \"sample\""
+                .into(),
+        });
+    }
+    Ok(StepOptions {
+        prediction,
+        sample_target: config.model.sample_target,
+        dream: config
+            .train
+            .dream_training
+            .then_some(config.train.dream_detail_preservation),
+        noise_offset: config.train.noise_offset,
+        num_train_timesteps: schedule.num_train_timesteps,
+        given_noise,
+    })
+}
+
+/// Run one step of the UNet in `model_dir` (a `unet/` folder or a pipeline)
+/// on `inputs`. Returns `loss`, `noisy_latents`, `target`, `alphas_cumprod`,
+/// `grad_norm` and every updated parameter under its diffusers name.
+pub fn single_step(
+    gpu: &Gpu,
+    model_dir: &Path,
+    inputs: &TensorFile,
+    config: &Config,
+) -> Result<TensorFile> {
+    let unet_dir = component_dir(model_dir, "unet");
+    let unet = UNet::from_config_file(&unet_dir.join("config.json"))?;
+    let weights = WeightFile::read(&weights_path(&unet_dir, "diffusion_pytorch_model")?)?;
+    let schedule = noise_schedule(model_dir, config)?;
+    let opts = step_options(config, &schedule, true)?;
+
+    let cin = unet.config.in_channels;
+    let latents = inputs.get_shaped("latents", &[None, Some(cin), None, None])?;
+    let [b, _, h, w] = latents.shape[..] else {
+        unreachable!("checked rank")
+    };
+    let noise = inputs.get_shaped("noise", &[Some(b), Some(cin), Some(h), Some(w)])?;
+    let timesteps = inputs.get_shaped("timesteps", &[Some(b)])?;
+    let cross = unet.layout.down[0].cross_attention_dim;
+    let context = inputs.get_shaped("encoder_hidden_states", &[Some(b), None, Some(cross)])?;
+    let t_max = schedule.num_train_timesteps as f32;
+    if let Some(t) = timesteps
+        .values
+        .iter()
+        .find(|t| !(0.0..t_max).contains(*t) || t.fract() != 0.0)
+    {
+        return Err(Error::Tensor {
+            name: "timesteps".into(),
+            msg: format!(
+                "in {}: {t} is not an integer in [0, {})",
+                inputs.path.display(),
+                schedule.num_train_timesteps
+            ),
+        });
+    }
+
+    let shape = StepShape {
+        batch: b,
+        height: h,
+        width: w,
+        text_len: context.shape[1],
+        text_dim: cross,
+    };
+    let step = TrainStep::build(&unet, shape, &opts)?;
+    let spec = step.run_spec(adamw(config, config.train.learning_rate), false);
+    let (loss, xt, target) = (step.loss, step.noisy_latents, step.target);
+    let graph = Arc::new(step.graph);
+    let mut s = Session::new(gpu, graph.clone(), spec)?;
+    load_params(&s, &weights)?;
+    let alphas_cumprod = schedule.alphas_cumprod();
+    s.write(step.latents, &latents.values)?;
+    s.write(step.noise, &noise.values)?;
+    s.write(step.timesteps, &timesteps.values)?;
+    s.write(step.context, &context.values)?;
+    s.write(step.alphas_cumprod, &alphas_cumprod)?;
+    s.write(step.loss_grad, &[1.0])?;
+    s.step()?;
+
+    let mut out = TensorFile::new(Path::new("step"));
+    let read =
+        |t| -> Result<HostTensor> { Ok(HostTensor::f32(graph.shape(t), s.read_blocking(t)?)) };
+    out.insert("loss", HostTensor::f32(&[], s.read_blocking(loss)?));
+    out.insert("noisy_latents", read(xt)?);
+    out.insert("target", read(target)?);
+    let n = alphas_cumprod.len();
+    out.insert("alphas_cumprod", HostTensor::f32(&[n], alphas_cumprod));
+    let clip = s.read_state_blocking("adamw.clip")?;
+    out.insert("grad_norm", HostTensor::f32(&[], vec![clip[1]]));
+    for p in graph.params() {
+        out.insert(&graph.desc(p).name, read(p)?);
+    }
+    Ok(out)
+}

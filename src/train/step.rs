@@ -1,0 +1,144 @@
+//! One training step of the UNet as one graph, in the spec's order: sample
+//! timesteps and noise, `add_noise`, the target by prediction type, DREAM's
+//! no-grad pass and update, the trainable forward, MSE. The session built
+//! from it adds the backward pass, clipping and AdamW, so the whole step is
+//! one submission with no readback.
+
+use super::config::SampleTarget;
+use super::scheduler::PredictionType;
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::graph::{AdamW, Graph, RunSpec, TensorId};
+use crate::models::UNet;
+use crate::ops::diffusion::stream;
+
+/// The shapes of one micro-batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepShape {
+    pub batch: usize,
+    /// Latent height and width.
+    pub height: usize,
+    pub width: usize,
+    /// Text tokens and the encoder's width.
+    pub text_len: usize,
+    pub text_dim: usize,
+}
+
+/// What the step computes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOptions {
+    pub prediction: PredictionType,
+    pub sample_target: SampleTarget,
+    /// DREAM's detail preservation p, when DREAM is on.
+    pub dream: Option<f32>,
+    pub noise_offset: f32,
+    pub num_train_timesteps: usize,
+    /// Noise and timesteps are inputs (`difftrain step`) instead of drawn
+    /// from the generator.
+    pub given_noise: bool,
+}
+
+/// The traced step and its named tensors.
+pub struct TrainStep {
+    pub graph: Graph,
+    /// x0: the clean latents `[B, C, h, w]` (input).
+    pub latents: TensorId,
+    /// encoder_hidden_states `[B, S, D]` (input).
+    pub context: TensorId,
+    /// The random key `[4]` (input; see `ops::diffusion::rng_key`).
+    pub key: TensorId,
+    /// Noise and timesteps: inputs when given, else drawn.
+    pub noise: TensorId,
+    pub timesteps: TensorId,
+    /// `alphas_cumprod` `[T]` (input, written once).
+    pub alphas_cumprod: TensorId,
+    /// d(objective)/d(loss) `[1]` (input: 1 / gradient_accumulation_steps).
+    pub loss_grad: TensorId,
+    /// The UNet's input and regression target after DREAM.
+    pub noisy_latents: TensorId,
+    pub target: TensorId,
+    pub loss: TensorId,
+}
+
+impl TrainStep {
+    /// Trace the step for `unet` at `shape`.
+    pub fn build(unet: &UNet, shape: StepShape, opts: &StepOptions) -> Result<TrainStep> {
+        let mut g = Graph::new();
+        let c = unet.config.in_channels;
+        let x_shape = [shape.batch, c, shape.height, shape.width];
+        let latents = g.input("latents", &x_shape, DType::F32);
+        let context = g.input(
+            "encoder_hidden_states",
+            &[shape.batch, shape.text_len, shape.text_dim],
+            DType::F32,
+        );
+        let key = g.input("rng_key", &[4], DType::F32);
+        let alphas_cumprod = g.input("alphas_cumprod", &[opts.num_train_timesteps], DType::F32);
+        let loss_grad = g.input("loss_grad", &[1], DType::F32);
+
+        // 2-3. Timesteps and noise.
+        let (timesteps, noise) = if opts.given_noise {
+            (
+                g.input("timesteps", &[shape.batch], DType::F32),
+                g.input("noise", &x_shape, DType::F32),
+            )
+        } else {
+            let t = g.random_timesteps(key, shape.batch, opts.num_train_timesteps as u32)?;
+            let n = g.random_normal(key, &x_shape, stream::NOISE, opts.noise_offset)?;
+            (t, n)
+        };
+        // 4. xt = scheduler.add_noise(x0, noise, t).
+        let mut xt = g.add_noise(latents, noise, timesteps, alphas_cumprod)?;
+        // 6. The target by prediction type.
+        let mut target = match (opts.prediction, opts.sample_target) {
+            (PredictionType::Epsilon, _) => noise,
+            (PredictionType::VPrediction, _) => {
+                g.get_velocity(latents, noise, timesteps, alphas_cumprod)?
+            }
+            (PredictionType::Sample, SampleTarget::X0) => latents,
+            (PredictionType::Sample, SampleTarget::Xt) => xt,
+        };
+        // 7. DREAM: a no-grad prediction on xt, then the updated xt and target.
+        if let Some(detail) = opts.dream {
+            let pred = unet.forward(&mut g, xt, timesteps, context)?;
+            (xt, target) = g.dream_update(
+                xt,
+                target,
+                noise,
+                pred,
+                timesteps,
+                alphas_cumprod,
+                opts.prediction == PredictionType::VPrediction,
+                detail,
+            )?;
+        }
+        // 8-9. pred = model(xt, t, cond); loss = mse(pred, target).
+        let pred = unet.forward(&mut g, xt, timesteps, context)?;
+        let loss = g.mse_loss(pred, target)?;
+        Ok(TrainStep {
+            graph: g,
+            latents,
+            context,
+            key,
+            noise,
+            timesteps,
+            alphas_cumprod,
+            loss_grad,
+            noisy_latents: xt,
+            target,
+            loss,
+        })
+    }
+
+    /// Step 10: backward from the loss, then AdamW (after clipping). With
+    /// `accumulate`, parameter gradients add up over micro-steps.
+    pub fn run_spec(&self, optimizer: AdamW, accumulate: bool) -> RunSpec {
+        RunSpec {
+            outputs: vec![self.loss, self.noisy_latents, self.target, self.timesteps],
+            seeds: vec![(self.loss, self.loss_grad)],
+            optimizer: Some(optimizer),
+            accumulate_grads: accumulate,
+            ..Default::default()
+        }
+    }
+}

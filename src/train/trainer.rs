@@ -1,0 +1,549 @@
+//! The training loop. Per micro-batch, in the spec's order:
+//!
+//! - step 1: encode the images to latents with the frozen VAE (its own no-grad session);
+//! - steps 2-4: sample timesteps and noise, add_noise (inside the UNet's step graph);
+//! - step 5: encode the captions with the frozen CLIP text encoder (its own session);
+//! - steps 6-10: target, DREAM, forward, MSE, backward, clipping + AdamW (the step graph).
+//!
+//! The encoders' outputs reach the UNet's session by GPU copies; the loss
+//! and gradient norm are read back after the step, for the log. What the
+//! caller shows (progress bar, page) comes through [`Event`]s.
+
+use super::checkpoint::{self, TrainerState};
+use super::config::Config;
+use super::data::{batches_per_epoch, Dataset, Loader, Position};
+use super::single_step::{adamw, noise_schedule, step_options};
+use super::step::{StepShape, TrainStep};
+use crate::dtype::DType;
+use crate::error::{file_err, Error, Result};
+use crate::graph::{Graph, RunSpec, Session, TensorId};
+use crate::io::WeightFile;
+use crate::models::clip::upgrade_unprefixed_names;
+use crate::models::vae::upgrade_legacy_names;
+use crate::models::weights::{init_params, load_params, weights_path};
+use crate::models::{PipelineDir, UNet};
+use crate::ops::diffusion::{rng_key, stream};
+use crate::Gpu;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One optimizer step's figures (a line of `train_log.jsonl`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepLog {
+    pub step: u64,
+    pub epoch: u64,
+    /// Mean loss over the step's micro-batches.
+    pub loss: f32,
+    pub lr: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    pub images_per_s: f64,
+    pub elapsed_s: f64,
+}
+
+/// What the trainer reports as it goes.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Set up; training starts at `first_step` of `total_steps`.
+    Start {
+        first_step: u64,
+        total_steps: u64,
+        examples: usize,
+        what: String,
+    },
+    Step(&'a StepLog),
+    /// An image that could not be read, skipped.
+    Skipped(&'a Path, &'a str),
+    Checkpoint(&'a Path),
+    /// Anything else worth a line (resume, stop request).
+    Note(String),
+}
+
+/// How a run ended.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    /// Optimizer steps done (in all runs of this output folder).
+    pub steps: u64,
+    /// Steps done by this run.
+    pub steps_this_run: u64,
+    pub seconds: f64,
+    pub images_skipped: u64,
+    pub first_loss: Option<f32>,
+    pub last_loss: Option<f32>,
+    pub output_dir: PathBuf,
+    /// Stopped by a stop request before `max_train_steps`.
+    pub interrupted: bool,
+}
+
+/// The frozen encoders of one micro-batch shape, each a no-grad session.
+struct Encoders {
+    vae: Session,
+    image: TensorId,
+    vae_key: TensorId,
+    latents: TensorId,
+    clip: Session,
+    input_ids: TensorId,
+    hidden: TensorId,
+}
+
+impl Encoders {
+    fn new(gpu: &Gpu, p: &PipelineDir, batch: usize, resolution: usize) -> Result<Encoders> {
+        // VAE: image -> (mean + exp(logvar / 2) * noise) * scaling_factor.
+        let f = p.vae.downscale();
+        let mut g = Graph::new();
+        let image = g.input("image", &[batch, 3, resolution, resolution], DType::F32);
+        let vae_key = g.input("rng_key", &[4], DType::F32);
+        let c = p.vae.config.latent_channels;
+        let shape = [batch, c, resolution / f, resolution / f];
+        let noise = g.random_normal(vae_key, &shape, stream::LATENT, 0.0)?;
+        let latents = p.vae.encode_latents(&mut g, image, noise)?;
+        let vae = no_grad_session(gpu, g, latents)?;
+        let vae_dir = p.root.join("vae");
+        let mut w = WeightFile::read(&weights_path(&vae_dir, "diffusion_pytorch_model")?)?;
+        upgrade_legacy_names(&mut w);
+        load_params(&vae, &w)?;
+
+        // CLIP: input ids -> last hidden state.
+        let len = p.tokenizer.max_length();
+        let mut g = Graph::new();
+        let input_ids = g.input("input_ids", &[batch, len], DType::F32);
+        let pos = g.input("position_ids", &[len], DType::F32);
+        let hidden = p.text_encoder.forward(&mut g, input_ids, pos, 0)?;
+        let clip = no_grad_session(gpu, g, hidden)?;
+        let mut w = WeightFile::read(&weights_path(&p.root.join("text_encoder"), "model")?)?;
+        upgrade_unprefixed_names(&mut w);
+        load_params(&clip, &w)?;
+        clip.write(pos, &(0..len).map(|i| i as f32).collect::<Vec<_>>())?;
+        Ok(Encoders {
+            vae,
+            image,
+            vae_key,
+            latents,
+            clip,
+            input_ids,
+            hidden,
+        })
+    }
+}
+
+fn no_grad_session(gpu: &Gpu, g: Graph, output: TensorId) -> Result<Session> {
+    let spec = RunSpec {
+        outputs: vec![output],
+        ..Default::default()
+    };
+    Session::new(gpu, Arc::new(g), spec)
+}
+
+/// The model to train: a local pipeline folder or the built-in one, and
+/// the UNet (the pipeline's, or a fresh one from `model.unet_config`).
+fn open_model(config: &Config) -> Result<(PipelineDir, UNet, Option<PathBuf>)> {
+    let root = match &config.model.pretrained_model_name_or_path {
+        Some(p) => PathBuf::from(p),
+        None => super::builtin::pipeline_dir()?,
+    };
+    let pipeline = PipelineDir::open(&root)?;
+    match &config.model.unet_config {
+        Some(path) => Ok((pipeline, UNet::from_config_file(path)?, Some(path.clone()))),
+        None => {
+            let unet = pipeline.unet.clone();
+            Ok((pipeline, unet, None))
+        }
+    }
+}
+
+/// Train as `config` says until `max_train_steps` or until `stop` is set
+/// (then a checkpoint at the next step boundary). `config` is the resolved
+/// config (its seed set).
+pub fn train(
+    gpu: &Gpu,
+    config: &Config,
+    stop: &AtomicBool,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Summary> {
+    let t = &config.train;
+    let seed = t.seed.expect("the caller resolves the seed");
+    let out_dir = t.output_dir.clone();
+    std::fs::create_dir_all(&out_dir).map_err(|e| file_err(&out_dir, e.to_string()))?;
+
+    // Model, schedule and data.
+    let (pipeline, unet, fresh_unet) = open_model(config)?;
+    let schedule = noise_schedule(&pipeline.root, config)?;
+    let opts = step_options(config, &schedule, false)?;
+    let data_seed = if config.data.train_data_dir.is_some() {
+        seed
+    } else {
+        0
+    };
+    let dataset = Arc::new(Dataset::open(&config.data.options(), data_seed)?);
+    let batch = t.train_batch_size;
+    let accum = t.gradient_accumulation_steps;
+    let per_epoch = batches_per_epoch(dataset.len(), batch);
+    if per_epoch == 0 {
+        return Err(Error::Config {
+            path: "config".into(),
+            field: "train.train_batch_size".into(),
+            msg: format!(
+                "{batch} is more than the {} examples of {}",
+                dataset.len(),
+                dataset.describe()
+            ),
+        });
+    }
+    let updates_per_epoch = per_epoch.div_ceil(accum) as u64;
+    let total = t
+        .max_train_steps
+        .unwrap_or(t.num_train_epochs * updates_per_epoch);
+    let res = config.data.resolution;
+    let f = pipeline.vae.downscale();
+    let levels = 1 << (unet.layout.channels.len() - 1);
+    if !res.is_multiple_of(f * levels) {
+        return Err(Error::Config {
+            path: "config".into(),
+            field: "data.resolution".into(),
+            msg: format!(
+                "{res} must be a multiple of {} (the VAE's downscale {f} times the UNet's {levels})",
+                f * levels
+            ),
+        });
+    }
+    let base_lr = if t.scale_lr {
+        t.learning_rate * (accum * batch) as f32
+    } else {
+        t.learning_rate
+    };
+
+    // Sessions: the encoders, and the UNet's whole training step.
+    let shape = StepShape {
+        batch,
+        height: res / f,
+        width: res / f,
+        text_len: pipeline.tokenizer.max_length(),
+        text_dim: pipeline.text_encoder.config.hidden_size,
+    };
+    let step_graph = TrainStep::build(&unet, shape, &opts)?;
+    let spec = step_graph.run_spec(adamw(config, base_lr), accum > 1);
+    let mut enc = Encoders::new(gpu, &pipeline, batch, res)?;
+    let TrainStep {
+        graph,
+        latents,
+        context,
+        key,
+        alphas_cumprod,
+        loss_grad,
+        loss,
+        ..
+    } = step_graph;
+    let mut s = Session::new(gpu, Arc::new(graph), spec)?;
+    s.write(alphas_cumprod, &schedule.alphas_cumprod())?;
+    s.write(loss_grad, &[1.0 / accum as f32])?;
+
+    // Fresh weights or a checkpoint.
+    let mut state = TrainerState {
+        global_step: 0,
+        micro_step: 0,
+        position: Position::default(),
+        seed,
+        lr_scheduler: t.lr_scheduler,
+        learning_rate: base_lr,
+        lr_warmup_steps: t.lr_warmup_steps,
+        max_train_steps: total,
+        images_skipped: 0,
+        elapsed_s: 0.0,
+    };
+    match resume_dir(config, &out_dir, on_event)? {
+        Some(dir) => {
+            state = checkpoint::load(&dir, &mut s, &unet)?;
+            on_event(Event::Note(format!(
+                "resumed from {} (step {})",
+                dir.display(),
+                state.global_step
+            )));
+        }
+        None => match &fresh_unet {
+            Some(path) => {
+                let mut g = Graph::new();
+                let x = g.input(
+                    "x",
+                    &[1, unet.config.in_channels, levels, levels],
+                    DType::F32,
+                );
+                let tt = g.input("t", &[1], DType::F32);
+                let c = g.input("c", &[1, 1, shape.text_dim], DType::F32);
+                unet.forward(&mut g, x, tt, c)?;
+                let w = init_params(&g, seed, path);
+                for p in s.graph.params() {
+                    s.write(p, &w.get(&s.graph.desc(p).name)?.values)?;
+                }
+            }
+            None => {
+                let dir = pipeline.root.join("unet");
+                let w = WeightFile::read(&weights_path(&dir, "diffusion_pytorch_model")?)?;
+                load_params(&s, &w)?;
+            }
+        },
+    }
+    state.max_train_steps = total;
+    let first_step = state.global_step;
+    let mut log = TrainLog::open(&out_dir, first_step)?;
+    on_event(Event::Start {
+        first_step,
+        total_steps: total,
+        examples: dataset.len(),
+        what: format!(
+            "{} on {}, batch {batch} x {accum} accumulation, {} prediction{}",
+            match &config.model.pretrained_model_name_or_path {
+                Some(p) => p.clone(),
+                None => "the built-in model".into(),
+            },
+            dataset.describe(),
+            opts.prediction.name(),
+            opts.dream
+                .map(|p| format!(", DREAM p = {p}"))
+                .unwrap_or_default()
+        ),
+    });
+
+    let mut loader = Loader::new(dataset.clone(), data_seed, batch, state.position, 4);
+    let config_toml = config.to_toml();
+    let run_start = Instant::now();
+    let elapsed_before = state.elapsed_s;
+    let (mut first_loss, mut last_loss) = (None, None);
+    let mut interrupted = false;
+    while state.global_step < total {
+        if stop.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+        let step_start = Instant::now();
+        let lr = t
+            .lr_scheduler
+            .lr(base_lr, state.global_step, t.lr_warmup_steps, total);
+        s.set_lr(lr);
+        let mut loss_sum = 0.0;
+        let mut epoch = state.position.epoch;
+        for micro in 0..accum {
+            let b = loader.next()?;
+            for (path, why) in &b.skipped {
+                state.images_skipped += 1;
+                on_event(Event::Skipped(path, why));
+            }
+            epoch = b.epoch;
+            // 1. Latents from the VAE (latent sample from the generator).
+            enc.vae.write(enc.image, &b.images)?;
+            enc.vae
+                .write(enc.vae_key, &rng_key(seed, state.micro_step))?;
+            enc.vae.step()?;
+            enc.vae.copy_to(enc.latents, &s, latents)?;
+            // 5. Text states from CLIP (diffusers' proportion_empty_prompts).
+            let ids = tokenize(
+                &pipeline,
+                &b.captions,
+                t.proportion_empty_prompts,
+                seed,
+                state.micro_step,
+            )?;
+            enc.clip.write(enc.input_ids, &ids)?;
+            enc.clip.step()?;
+            enc.clip.copy_to(enc.hidden, &s, context)?;
+            // 2-4, 6-10 in the step graph.
+            s.write(key, &rng_key(seed, state.micro_step))?;
+            if micro + 1 == accum {
+                s.step()?;
+            } else {
+                s.step_accumulate()?;
+            }
+            loss_sum += s.read_blocking(loss)?[0];
+            state.micro_step += 1;
+            state.position = b.next;
+        }
+        state.global_step += 1;
+        let grad_norm = s.read_state_blocking("adamw.clip")?[1];
+        let secs = step_start.elapsed().as_secs_f64();
+        state.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
+        let entry = StepLog {
+            step: state.global_step,
+            epoch,
+            loss: loss_sum / accum as f32,
+            lr,
+            grad_norm,
+            images_per_s: (batch * accum) as f64 / secs,
+            elapsed_s: state.elapsed_s,
+        };
+        if !entry.loss.is_finite() {
+            return Err(Error::Gpu(format!(
+                "the loss is {} at step {}: training diverged (try a lower train.learning_rate)",
+                entry.loss, entry.step
+            )));
+        }
+        first_loss.get_or_insert(entry.loss);
+        last_loss = Some(entry.loss);
+        log.append(&entry)?;
+        on_event(Event::Step(&entry));
+        let stopping = stop.load(Ordering::SeqCst);
+        if state.global_step.is_multiple_of(t.checkpointing_steps) || stopping {
+            let dir = checkpoint::save(
+                &out_dir,
+                &s,
+                &unet,
+                &state,
+                &config_toml,
+                t.checkpoints_total_limit,
+            )?;
+            on_event(Event::Checkpoint(&dir));
+        }
+    }
+    if interrupted {
+        on_event(Event::Note("stopped on request".into()));
+    } else {
+        write_pipeline(&out_dir, &pipeline.root, &s, &unet)?;
+    }
+    Ok(Summary {
+        steps: state.global_step,
+        steps_this_run: state.global_step - first_step,
+        seconds: run_start.elapsed().as_secs_f64(),
+        images_skipped: state.images_skipped,
+        first_loss,
+        last_loss,
+        output_dir: out_dir,
+        interrupted,
+    })
+}
+
+/// The checkpoint `train.resume_from` names: a folder, `"latest"` (the
+/// newest complete one; none: a fresh start, said in a note), or nothing.
+fn resume_dir(
+    config: &Config,
+    out_dir: &Path,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Option<PathBuf>> {
+    match config.train.resume_from.as_str() {
+        "" => Ok(None),
+        "latest" => {
+            let found = checkpoint::latest(out_dir);
+            if found.is_none() {
+                on_event(Event::Note(format!(
+                    "no checkpoint in {} to resume from; starting a new run",
+                    out_dir.display()
+                )));
+            }
+            Ok(found)
+        }
+        path => {
+            let dir = PathBuf::from(path);
+            if !dir.is_dir() {
+                return Err(Error::Config {
+                    path: "config".into(),
+                    field: "train.resume_from".into(),
+                    msg: format!("'{path}' is not a checkpoint folder"),
+                });
+            }
+            Ok(Some(dir))
+        }
+    }
+}
+
+/// Token ids `[B, L]` as floats; each caption replaced by the empty prompt
+/// with probability `p_empty` (diffusers' `proportion_empty_prompts`), drawn
+/// from (seed, micro-step, sample).
+fn tokenize(
+    p: &PipelineDir,
+    captions: &[String],
+    p_empty: f32,
+    seed: u64,
+    micro_step: u64,
+) -> Result<Vec<f32>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x656d_7074_795f_7072);
+    rng.set_stream(micro_step);
+    let prompts: Vec<&str> = captions
+        .iter()
+        .map(|c| {
+            if p_empty > 0.0 && rng.random::<f32>() < p_empty {
+                ""
+            } else {
+                c.as_str()
+            }
+        })
+        .collect();
+    let ids = p.tokenizer.encode_batch(&prompts)?;
+    Ok(ids.into_iter().flatten().map(|i| i as f32).collect())
+}
+
+/// The final pipeline folder: the trained UNet and the base pipeline's
+/// other components.
+fn write_pipeline(out: &Path, base: &Path, s: &Session, unet: &UNet) -> Result<()> {
+    if same_dir(out, base) {
+        return Err(file_err(
+            out,
+            "train.output_dir is the pretrained pipeline folder; choose another",
+        ));
+    }
+    for part in ["vae", "text_encoder", "tokenizer", "scheduler"] {
+        copy_dir(&base.join(part), &out.join(part))?;
+    }
+    std::fs::copy(base.join("model_index.json"), out.join("model_index.json"))
+        .map_err(|e| file_err(&out.join("model_index.json"), e.to_string()))?;
+    let dir = out.join("unet");
+    std::fs::create_dir_all(&dir).map_err(|e| file_err(&dir, e.to_string()))?;
+    checkpoint::write_unet(&dir, s, unet)
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| file_err(to, e.to_string()))?;
+    let entries = std::fs::read_dir(from).map_err(|e| file_err(from, e.to_string()))?;
+    for e in entries.flatten() {
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if src.is_dir() {
+            copy_dir(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst).map_err(|e| file_err(&dst, e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `OUTPUT_DIR/train_log.jsonl`: one JSON object per optimizer step. A
+/// resumed run first drops the lines of steps after its checkpoint.
+struct TrainLog {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl TrainLog {
+    fn open(out_dir: &Path, first_step: u64) -> Result<TrainLog> {
+        let path = out_dir.join("train_log.jsonl");
+        let kept: String = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step")?.as_u64())
+                    .is_some_and(|s| s <= first_step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&path, kept).map_err(|e| file_err(&path, e.to_string()))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| file_err(&path, e.to_string()))?;
+        Ok(TrainLog { file, path })
+    }
+
+    fn append(&mut self, entry: &StepLog) -> Result<()> {
+        use std::io::Write;
+        let line = serde_json::to_string(entry).map_err(|e| file_err(&self.path, e.to_string()))?;
+        writeln!(self.file, "{line}").map_err(|e| file_err(&self.path, e.to_string()))
+    }
+}
