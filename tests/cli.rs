@@ -256,3 +256,70 @@ fn bad_model_configs_name_the_field() {
     assert!(!ok && err.contains("use_linear_projection"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn train_runs_the_builtin_default_and_prints_no_xdg_noise() {
+    let out = temp_dir("train");
+    let out_s = out.to_str().unwrap();
+    let (ok, _, err) = difftrain(&[
+        "train",
+        "--output-dir",
+        out_s,
+        "--set",
+        "train.max_train_steps=3",
+        "--set",
+        "train.train_batch_size=2",
+        "--set",
+        "data.builtin_size=8",
+    ]);
+    assert!(ok, "train failed: {err}");
+    assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+    for needle in ["trained 3 steps", "loss", "images skipped: 0", out_s] {
+        assert!(err.contains(needle), "'{needle}' missing from:\n{err}");
+    }
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 3);
+    assert!(out
+        .join("unet/diffusion_pytorch_model.safetensors")
+        .is_file());
+
+    // A bad key is an error naming it, before any training.
+    let (ok, _, err) = difftrain(&[
+        "train",
+        "--output-dir",
+        out_s,
+        "--set",
+        "train.lerning_rate=1",
+    ]);
+    assert!(!ok && err.contains("lerning_rate"), "{err}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn step_writes_the_contracts_outputs() {
+    let dir = fixture("train_step");
+    let tmp = temp_dir("step");
+    let out = tmp.join("out.safetensors");
+    let (ok, _, err) = difftrain(&[
+        "step",
+        "--model",
+        &format!("{dir}/unet"),
+        "--inputs",
+        &format!("{dir}/inputs.safetensors"),
+        "--config",
+        &format!("{dir}/v_dream_p1.toml"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "step failed: {err}");
+    let got = difftrain::io::TensorFile::read(&out).unwrap();
+    let want = difftrain::io::TensorFile::read(std::path::Path::new(&format!(
+        "{dir}/v_dream_p1.expected.safetensors"
+    )))
+    .unwrap();
+    for (name, w) in &want.tensors {
+        let g = got.get(name).unwrap();
+        assert!(rel_l2(&g.values, &w.values) < 1e-3, "{name}");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}

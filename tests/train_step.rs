@@ -145,3 +145,85 @@ fn alphas_cumprod_match_diffusers() {
         assert!(worst <= tol, "{name}: {worst:.2e} > {tol:.0e}");
     }
 }
+
+/// Gradient accumulation: two micro-batches of one sample with the loss
+/// scaled by 1/2 and one optimizer step give the update of one batch of two
+/// (mean loss of equal halves = mean loss of the whole).
+#[test]
+fn accumulated_half_batches_equal_one_whole_batch() {
+    use difftrain::graph::Session;
+    use difftrain::io::WeightFile;
+    use difftrain::models::weights::load_params;
+    use difftrain::models::UNet;
+    use difftrain::train::single_step::{adamw, noise_schedule, step_options};
+    use difftrain::train::step::{StepShape, TrainStep};
+    use std::sync::Arc;
+
+    let dir = fixture("train_step");
+    let inputs = TensorFile::read(&dir.join("inputs.safetensors")).unwrap();
+    let config = Config::load(Some(&dir.join("eps.toml")), &[]).unwrap();
+    let unet = UNet::from_config_file(&dir.join("unet/config.json")).unwrap();
+    let weights = WeightFile::read(&dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let schedule = noise_schedule(&dir.join("unet"), &config).unwrap();
+    let opts = step_options(&config, &schedule, true).unwrap();
+    let t = |k: &str| inputs.get(k).unwrap();
+    let rows = |k: &str, b: usize, n: usize| {
+        let per = t(k).values.len() / 2;
+        t(k).values[b * per..(b + n) * per].to_vec()
+    };
+
+    // The update (new - old) of every parameter.
+    let run = |batch: usize, accum: usize| -> Vec<Vec<f32>> {
+        let shape = StepShape {
+            batch,
+            height: 8,
+            width: 8,
+            text_len: 7,
+            text_dim: 12,
+        };
+        let step = TrainStep::build(&unet, shape, &opts).unwrap();
+        let spec = step.run_spec(adamw(&config, config.train.learning_rate), accum > 1);
+        let graph = Arc::new(step.graph);
+        let mut s = Session::new(gpu(), graph.clone(), spec).unwrap();
+        load_params(&s, &weights).unwrap();
+        let params = graph.params();
+        let before: Vec<Vec<f32>> = params
+            .iter()
+            .map(|&p| s.read_blocking(p).unwrap())
+            .collect();
+        s.write(step.alphas_cumprod, &schedule.alphas_cumprod())
+            .unwrap();
+        s.write(step.loss_grad, &[1.0 / accum as f32]).unwrap();
+        for m in 0..accum {
+            let b0 = m * batch;
+            s.write(step.latents, &rows("latents", b0, batch)).unwrap();
+            s.write(step.noise, &rows("noise", b0, batch)).unwrap();
+            s.write(step.timesteps, &rows("timesteps", b0, batch))
+                .unwrap();
+            s.write(step.context, &rows("encoder_hidden_states", b0, batch))
+                .unwrap();
+            if m + 1 == accum {
+                s.step().unwrap();
+            } else {
+                s.step_accumulate().unwrap();
+            }
+        }
+        params
+            .iter()
+            .zip(before)
+            .map(|(&p, old)| {
+                let new = s.read_blocking(p).unwrap();
+                new.iter().zip(&old).map(|(x, y)| x - y).collect()
+            })
+            .collect()
+    };
+    let whole = run(2, 1);
+    let halves = run(1, 2);
+    let worst = whole
+        .iter()
+        .zip(&halves)
+        .map(|(a, b)| rel_l2(b, a))
+        .fold(0.0, f64::max);
+    println!("accumulated vs whole batch: worst update difference {worst:.2e}");
+    assert!(worst < 1e-3, "{worst:.2e}");
+}

@@ -102,6 +102,7 @@ pub fn save(
     std::fs::create_dir_all(tmp.join("unet")).map_err(|e| io(&tmp, e))?;
 
     write_unet(&tmp.join("unet"), session, unet)?;
+    pause_for_crash_test(state.global_step);
     let mut opt = TensorFile::new(&tmp.join(OPTIMIZER));
     for label in session.state_labels() {
         if label.starts_with("adamw.m.") || label.starts_with("adamw.v.") {
@@ -189,6 +190,17 @@ fn check_same_config(path: &Path, unet: &UNet) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Fault injection for the crash test (tests/trainer.rs): with
+/// `DIFFTRAIN_TEST_PAUSE_CHECKPOINT=STEP`, writing checkpoint STEP stops
+/// half-way (weights written, state not) and waits to be killed.
+fn pause_for_crash_test(step: u64) {
+    let wanted = std::env::var("DIFFTRAIN_TEST_PAUSE_CHECKPOINT").ok();
+    if wanted.and_then(|v| v.parse::<u64>().ok()) == Some(step) {
+        eprintln!("paused while writing {}", name(step));
+        std::thread::sleep(std::time::Duration::from_secs(600));
+    }
 }
 
 /// fsync every file under `dir` and the folders themselves.

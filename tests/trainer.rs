@@ -1,0 +1,312 @@
+//! The trainer end to end on the built-in model, at a tiny size: exact
+//! resume (bit-identical weights, with gradient accumulation and a resume in
+//! mid-epoch), a crash while writing a checkpoint, and the named errors of
+//! damaged checkpoints and bad data.
+
+use difftrain::ops::testing::gpu;
+use difftrain::train::checkpoint;
+use difftrain::train::config::Config;
+use difftrain::train::trainer::{train, Event, Summary};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A fresh folder under the system's temporary folder.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("difftrain-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The built-in preset, shrunk: 12 examples in batches of 2 with 2
+/// accumulation steps, so an epoch is 3 optimizer steps.
+fn tiny(out: &Path, extra: &[&str]) -> Config {
+    let mut sets: Vec<String> = [
+        "train.train_batch_size=2",
+        "train.gradient_accumulation_steps=2",
+        "train.max_train_steps=5",
+        "train.lr_warmup_steps=1",
+        "train.checkpointing_steps=100",
+        "train.seed=7",
+        "data.builtin_size=12",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    sets.push(format!("train.output_dir={:?}", out.display().to_string()));
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    Config::for_training(None, &sets).unwrap()
+}
+
+/// Train; with `stop_after`, ask to stop once that step is done.
+fn run(config: &Config, stop_after: Option<u64>) -> difftrain::Result<Summary> {
+    let stop = AtomicBool::new(false);
+    train(gpu(), config, &stop, &mut |e| {
+        if let Event::Step(s) = e {
+            if Some(s.step) == stop_after {
+                stop.store(true, Ordering::SeqCst);
+            }
+        }
+    })
+}
+
+fn unet_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap()
+}
+
+#[test]
+fn resume_is_bit_identical_with_accumulation_in_mid_epoch() {
+    let whole = scratch("whole");
+    let s = run(&tiny(&whole, &[]), None).unwrap();
+    assert_eq!((s.steps, s.interrupted), (5, false));
+    let (first, last) = (s.first_loss.unwrap(), s.last_loss.unwrap());
+    assert!(first.is_finite() && last.is_finite());
+
+    // Stop after step 2 (micro-batch 4 of an epoch of 6), then resume.
+    let split = scratch("split");
+    let s = run(&tiny(&split, &[]), Some(2)).unwrap();
+    assert_eq!((s.steps, s.interrupted), (2, true));
+    assert!(split.join("checkpoint-2/unet/config.json").is_file());
+    let s = run(&tiny(&split, &["train.resume_from=latest"]), None).unwrap();
+    assert_eq!((s.steps, s.steps_this_run), (5, 3));
+    assert!(
+        unet_bytes(&whole) == unet_bytes(&split),
+        "5 steps and 2 + resume + 3 steps must give identical UNet weights"
+    );
+
+    // The log has one line per step, with the fields the issue names.
+    let log = std::fs::read_to_string(split.join("train_log.jsonl")).unwrap();
+    let steps: Vec<u64> = log
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            for k in [
+                "step",
+                "epoch",
+                "loss",
+                "lr",
+                "grad_norm",
+                "images_per_s",
+                "elapsed_s",
+            ] {
+                assert!(v.get(k).is_some(), "{k} missing from {l}");
+            }
+            v["step"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5]);
+    let _ = std::fs::remove_dir_all(&whole);
+    let _ = std::fs::remove_dir_all(&split);
+}
+
+#[test]
+fn latest_without_a_checkpoint_starts_fresh_and_the_pipeline_is_complete() {
+    let out = scratch("fresh");
+    let mut notes = Vec::new();
+    let stop = AtomicBool::new(false);
+    let config = tiny(
+        &out,
+        &["train.resume_from=latest", "train.max_train_steps=1"],
+    );
+    train(gpu(), &config, &stop, &mut |e| {
+        if let Event::Note(n) = e {
+            notes.push(n);
+        }
+    })
+    .unwrap();
+    assert!(
+        notes.iter().any(|n| n.contains("no checkpoint")),
+        "{notes:?}"
+    );
+    for part in [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/vocab.json",
+        "scheduler/scheduler_config.json",
+    ] {
+        assert!(out.join(part).is_file(), "{part} missing");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// A process killed (SIGKILL) while writing a checkpoint leaves the
+/// previous one loadable, and `latest` resumes from it.
+#[cfg(unix)]
+#[test]
+fn a_crash_while_checkpointing_keeps_the_previous_checkpoint() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let out = scratch("crash");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_difftrain"))
+        .args([
+            "train",
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--set",
+            "train.train_batch_size=2",
+            "--set",
+            "data.builtin_size=12",
+            "--set",
+            "train.max_train_steps=4",
+            "--set",
+            "train.checkpointing_steps=2",
+            "--set",
+            "train.seed=3",
+        ])
+        .env("DIFFTRAIN_TEST_PAUSE_CHECKPOINT", "4")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        let paused = line.contains("paused while writing checkpoint-4");
+        seen.push(line);
+        if paused {
+            break;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        seen.iter().any(|l| l.contains("paused")),
+        "never reached checkpoint 4:\n{}",
+        seen.join("\n")
+    );
+    assert!(
+        out.join(".checkpoint-4.tmp").is_dir(),
+        "the interrupted write is left over"
+    );
+    assert_eq!(checkpoint::latest(&out), Some(out.join("checkpoint-2")));
+
+    let config = tiny(
+        &out,
+        &[
+            "train.gradient_accumulation_steps=1",
+            "train.max_train_steps=4",
+            "train.checkpointing_steps=2",
+            "train.seed=3",
+            "train.lr_warmup_steps=20",
+            "train.resume_from=latest",
+        ],
+    );
+    let s = run(&config, None).unwrap();
+    assert_eq!((s.steps, s.steps_this_run), (4, 2));
+    assert!(out.join("checkpoint-4/trainer_state.json").is_file());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// Damaged or mismatched checkpoints and bad data are errors that name the
+/// file, tensor or key; never a panic.
+#[test]
+fn bad_checkpoints_and_data_give_named_errors() {
+    let out = scratch("damaged");
+    run(
+        &tiny(
+            &out,
+            &["train.max_train_steps=1", "train.checkpointing_steps=1"],
+        ),
+        None,
+    )
+    .unwrap();
+    let good = out.join("checkpoint-1");
+
+    let damage = |name: &str, f: &dyn Fn(&Path)| -> String {
+        let dir = out.join(name);
+        copy_dir(&good, &dir);
+        f(&dir);
+        let resume = format!("train.resume_from={:?}", dir.display().to_string());
+        let config = tiny(&out.join("resumed"), &[&resume, "train.max_train_steps=2"]);
+        run(&config, None).unwrap_err().to_string()
+    };
+    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+        (
+            "missing",
+            Box::new(|d: &Path| std::fs::remove_file(d.join("optimizer.safetensors")).unwrap()),
+            "optimizer.safetensors",
+        ),
+        (
+            "truncated",
+            Box::new(|d: &Path| {
+                let p = d.join("unet/diffusion_pytorch_model.safetensors");
+                let bytes = std::fs::read(&p).unwrap();
+                std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+            }),
+            "diffusion_pytorch_model.safetensors",
+        ),
+        (
+            "other-config",
+            Box::new(|d: &Path| {
+                let p = d.join("unet/config.json");
+                let t = std::fs::read_to_string(&p).unwrap();
+                std::fs::write(
+                    &p,
+                    t.replace("\"norm_num_groups\": 8", "\"norm_num_groups\": 4"),
+                )
+                .unwrap();
+            }),
+            "norm_num_groups",
+        ),
+        (
+            "no-state",
+            Box::new(|d: &Path| std::fs::remove_file(d.join("trainer_state.json")).unwrap()),
+            "trainer_state.json",
+        ),
+    ];
+    for (name, f, needle) in &cases {
+        let e = damage(name, f.as_ref());
+        println!("{name}: {e}");
+        assert!(e.contains(needle), "{name}: '{needle}' not in: {e}");
+    }
+
+    // A tensor of another shape in the optimizer state.
+    let e = damage("other-shape", &|d: &Path| {
+        let p = d.join("optimizer.safetensors");
+        let mut t = difftrain::io::TensorFile::read(&p).unwrap();
+        let name = t.tensors.keys().next().unwrap().clone();
+        t.insert(&name, difftrain::io::HostTensor::f32(&[3], vec![0.0; 3]));
+        t.write(&p, None).unwrap();
+    });
+    assert!(e.contains("adamw.") && e.contains("expected"), "{e}");
+
+    // Data: an empty folder, and a metadata.jsonl without the caption column.
+    let empty = scratch("empty-data");
+    let set = format!("data.train_data_dir={:?}", empty.display().to_string());
+    let e = run(&tiny(&out.join("e"), &[&set]), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&empty.display().to_string()), "{e}");
+    std::fs::write(
+        empty.join("metadata.jsonl"),
+        "{\"file_name\": \"a.png\", \"caption\": \"x\"}\n",
+    )
+    .unwrap();
+    image_file(&empty.join("a.png"));
+    let e = run(&tiny(&out.join("e"), &[&set]), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("text") && e.contains("metadata.jsonl"), "{e}");
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&empty);
+}
+
+fn image_file(p: &Path) {
+    let img = image::RgbImage::from_pixel(8, 8, image::Rgb([200, 30, 30]));
+    img.save(p).unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let dst = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
