@@ -266,14 +266,37 @@ impl Entry {
     }
 }
 
+/// When the header of a safetensors file is whole but its data is cut
+/// short, which tensor the cut falls in (the first one past the end). The
+/// header is read by hand: the safetensors crate rejects the whole file.
+fn truncated_tensor(bytes: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let have = bytes.len() - 8 - n;
+    let mut ends: Vec<(u64, u64, &str)> = header
+        .iter()
+        .filter_map(|(name, v)| {
+            let o = v.get("data_offsets")?.as_array()?;
+            Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?, name.as_str()))
+        })
+        .collect();
+    ends.sort();
+    let (start, end, name) = ends.into_iter().find(|e| e.1 > have as u64)?;
+    Some(format!(
+        "truncated: tensor '{name}' needs data bytes {start}..{end}, the file holds {have}"
+    ))
+}
+
 impl WeightFile {
     pub fn read(path: &Path) -> Result<WeightFile> {
         let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-            file_err(
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| match truncated_tensor(&bytes) {
+            Some(msg) => file_err(path, msg),
+            None => file_err(
                 path,
                 format!("not a valid safetensors file (truncated or corrupt?): {e}"),
-            )
+            ),
         })?;
         let mut entries = BTreeMap::new();
         for (name, view) in st.iter() {
