@@ -51,14 +51,11 @@ impl TransposeLast2 {
         let edge = if tiled { TILE } else { BLOCK };
         let (rb, cb) = (r.div_ceil(edge), c.div_ceil(edge));
         let ntiles = batch * rb * cb;
-        let k = Kernel::new("transpose", "transpose_last2");
         let k = if tiled {
-            k.konst("TILED", true)
-                .konst("WGX", format!("{}u", TILE / 4))
-                .konst("WGY", format!("{TILE}u"))
-                .groups_1d(ntiles, 1)
+            Kernel::new("transpose", "transpose_tiled").groups_1d(ntiles, 1)
         } else {
-            k.konst("WGX", format!("{BLOCK_WG}u"))
+            Kernel::new("transpose", "transpose_blocks")
+                .konst("WGX", format!("{BLOCK_WG}u"))
                 .groups_1d(ntiles, BLOCK_WG)
         };
         e.push(
