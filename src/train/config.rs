@@ -131,7 +131,7 @@ pub struct DataConfig {
     pub resolution: usize,
     pub center_crop: bool,
     pub random_flip: bool,
-    /// Use only the first N examples.
+    /// Train on a seeded random subset of this many examples.
     pub max_train_samples: Option<usize>,
     /// Examples of the built-in dataset.
     pub builtin_size: usize,

@@ -194,6 +194,23 @@ impl Dataset {
         })
     }
 
+    /// Keep `n` examples (all when there are fewer), diffusers'
+    /// `max_train_samples`: a seeded random subset, in the order of a
+    /// shuffle keyed by `seed`, as `dataset.shuffle(seed).select(range(n))`.
+    pub fn select(&mut self, n: usize, seed: u64) {
+        if n >= self.len() {
+            return;
+        }
+        let keep: Vec<usize> = epoch_order(seed, u64::MAX, self.len())
+            .into_iter()
+            .take(n)
+            .collect();
+        match &mut self.source {
+            Source::Folder(items) => *items = keep.iter().map(|&i| items[i].clone()).collect(),
+            Source::Builtin { captions, .. } => captions.truncate(n),
+        }
+    }
+
     /// Number of examples.
     pub fn len(&self) -> usize {
         match &self.source {
@@ -1521,5 +1538,20 @@ mod tests {
         assert_eq!(ds.caption(3), builtin_caption(9, 3));
         assert_eq!(ds.load(3, 5).unwrap(), builtin_render(9, 3, 16));
         assert!(ds.load(7, 0).is_err());
+    }
+
+    #[test]
+    fn select_keeps_n_examples() {
+        let opts = DataOptions {
+            builtin_size: 10,
+            resolution: 8,
+            ..Default::default()
+        };
+        let mut d = Dataset::open(&opts, 0).unwrap();
+        let first = d.caption(0).to_string();
+        d.select(4, 1);
+        assert_eq!((d.len(), d.caption(0)), (4, first.as_str()));
+        d.select(100, 1);
+        assert_eq!(d.len(), 4);
     }
 }

@@ -178,7 +178,11 @@ pub fn train(
     } else {
         0
     };
-    let dataset = Arc::new(Dataset::open(&config.data.options(), data_seed)?);
+    let mut dataset = Dataset::open(&config.data.options(), data_seed)?;
+    if let Some(n) = config.data.max_train_samples {
+        dataset.select(n, seed);
+    }
+    let dataset = Arc::new(dataset);
     let batch = t.train_batch_size;
     let accum = t.gradient_accumulation_steps;
     let per_epoch = batches_per_epoch(dataset.len(), batch);
