@@ -227,3 +227,43 @@ fn accumulated_half_batches_equal_one_whole_batch() {
     println!("accumulated vs whole batch: worst update difference {worst:.2e}");
     assert!(worst < 1e-3, "{worst:.2e}");
 }
+
+/// DREAM's extra UNet pass keeps no activations: its pooled memory is
+/// reused as the pass goes, so the step's pool barely grows with it.
+#[test]
+fn dream_pass_keeps_no_activations() {
+    use difftrain::graph::Plan;
+    use difftrain::models::UNet;
+    use difftrain::train::single_step::{adamw, noise_schedule, step_options};
+    use difftrain::train::step::{StepShape, TrainStep};
+
+    let dir = fixture("train_step");
+    let unet = UNet::from_config_file(&dir.join("unet/config.json")).unwrap();
+    let shape = StepShape {
+        batch: 2,
+        height: 8,
+        width: 8,
+        text_len: 7,
+        text_dim: 12,
+    };
+    let pooled = |case: &str| {
+        let config = Config::load(Some(&dir.join(format!("{case}.toml"))), &[]).unwrap();
+        let schedule = noise_schedule(&dir.join("unet"), &config).unwrap();
+        let opts = step_options(&config, &schedule, false).unwrap();
+        let step = TrainStep::build(&unet, shape, &opts).unwrap();
+        let spec = step.run_spec(adamw(&config, 1e-3), false);
+        let plan = Plan::build(&step.graph, &gpu().caps, &spec).unwrap();
+        (plan.stats.pooled_bytes, plan.stats.dispatches)
+    };
+    let (plain, plain_dispatches) = pooled("eps");
+    let (dream, dream_dispatches) = pooled("eps_dream_p1");
+    println!("pooled bytes: {plain} plain, {dream} with DREAM; dispatches {plain_dispatches} -> {dream_dispatches}");
+    assert!(
+        dream_dispatches > plain_dispatches,
+        "DREAM adds a forward pass"
+    );
+    assert!(
+        (dream as f64) < 1.1 * plain as f64,
+        "DREAM's pass must not keep activations: {dream} vs {plain} bytes"
+    );
+}

@@ -100,6 +100,34 @@ fn resume_is_bit_identical_with_accumulation_in_mid_epoch() {
 }
 
 #[test]
+fn the_builtin_loss_falls() {
+    let out = scratch("falls");
+    let config = tiny(
+        &out,
+        &[
+            "train.gradient_accumulation_steps=1",
+            "train.train_batch_size=4",
+            "data.builtin_size=64",
+            "train.max_train_steps=40",
+            "train.lr_warmup_steps=5",
+        ],
+    );
+    let mut losses = Vec::new();
+    let stop = AtomicBool::new(false);
+    train(gpu(), &config, &stop, &mut |e| {
+        if let Event::Step(s) = e {
+            losses.push(s.loss);
+        }
+    })
+    .unwrap();
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    let (first, last) = (mean(&losses[..5]), mean(&losses[35..]));
+    println!("mean loss of steps 1-5: {first:.3}, of steps 36-40: {last:.3}");
+    assert!(last < 0.6 * first, "{first} -> {last}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
 fn latest_without_a_checkpoint_starts_fresh_and_the_pipeline_is_complete() {
     let out = scratch("fresh");
     let mut notes = Vec::new();

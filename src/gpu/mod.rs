@@ -118,6 +118,12 @@ impl Gpu {
         })
     }
 
+    /// A command encoder labelled `label`.
+    pub fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
+        self.device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
+    }
+
     /// Write bytes at the start of `buffer`, padded to the 4-byte copy alignment.
     pub fn write(&self, buffer: &wgpu::Buffer, bytes: &[u8]) {
         if bytes.len().is_multiple_of(4) {

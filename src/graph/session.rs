@@ -299,10 +299,16 @@ impl Session {
         Ok(())
     }
 
-    /// Copy the values of `src` (readable in this session) into the input
-    /// `dst` of `other` on the GPU, without a readback (an encoder's output
-    /// feeding the UNet's session). Shapes must match.
-    pub fn copy_to(&self, src: TensorId, other: &Session, dst: TensorId) -> Result<()> {
+    /// Record a GPU copy of the values of `src` (readable in this session)
+    /// into the input `dst` of `other`: an encoder's output feeding the
+    /// UNet's session, without a readback. Shapes and dtypes must match.
+    pub fn record_copy(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        src: TensorId,
+        other: &Session,
+        dst: TensorId,
+    ) -> Result<()> {
         let (a, b) = (self.graph.desc(src), other.graph.desc(dst));
         if a.shape != b.shape || a.dtype != b.dtype {
             return Err(Error::Tensor {
@@ -315,48 +321,44 @@ impl Session {
         }
         let (from, _) = self.buffer_of(Slot::Value(src))?;
         let (to, _) = other.buffer_of(Slot::Value(dst))?;
-        let mut enc = self
-            .gpu
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("copy"),
-            });
-        let bytes = a.dtype.buffer_bytes(a.numel());
-        enc.copy_buffer_to_buffer(from, 0, to, 0, bytes);
-        self.gpu.queue.submit([enc.finish()]);
+        enc.copy_buffer_to_buffer(from, 0, to, 0, a.dtype.buffer_bytes(a.numel()));
         Ok(())
     }
 
     /// Encode every dispatch of the schedule into one pass and submit once.
     pub fn step(&mut self) -> Result<()> {
-        self.write_optimizer_step()?;
-        self.submit(self.kernels.len())
+        let mut enc = self.gpu.encoder("step");
+        self.record_step(&mut enc, true)?;
+        self.gpu.queue.submit([enc.finish()]);
+        Ok(())
     }
 
     /// A step without the optimizer: with `RunSpec::accumulate_grads`, the
     /// parameter gradients add up until the next [`Session::step`].
     pub fn step_accumulate(&mut self) -> Result<()> {
-        self.submit(self.plan.optimizer_start)
+        let mut enc = self.gpu.encoder("step");
+        self.record_step(&mut enc, false)?;
+        self.gpu.queue.submit([enc.finish()]);
+        Ok(())
     }
 
-    /// Encode the first `count` dispatches into one pass and submit once.
-    fn submit(&self, count: usize) -> Result<()> {
-        let mut enc = self
-            .gpu
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("step"),
-            });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("step"),
-                timestamp_writes: None,
-            });
-            for k in &self.kernels[..count] {
-                k.dispatch(&mut pass);
-            }
+    /// Record a step into `enc` as one compute pass, with the optimizer or
+    /// without it (accumulation). Several sessions' steps and the copies
+    /// between them then go to the GPU in one submission.
+    pub fn record_step(&mut self, enc: &mut wgpu::CommandEncoder, optimizer: bool) -> Result<()> {
+        let count = if optimizer {
+            self.write_optimizer_step()?;
+            self.kernels.len()
+        } else {
+            self.plan.optimizer_start
+        };
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("step"),
+            timestamp_writes: None,
+        });
+        for k in &self.kernels[..count] {
+            k.dispatch(&mut pass);
         }
-        self.gpu.queue.submit([enc.finish()]);
         Ok(())
     }
 

@@ -80,8 +80,9 @@ pub fn latest(output_dir: &Path) -> Option<PathBuf> {
 }
 
 /// Write the checkpoint of `state.global_step` into `output_dir`, then keep
-/// only the newest `keep` (all when None). A checkpoint already there is
-/// left as it is.
+/// only the newest `keep` (all when None). One already there (from a run
+/// that went past this step before being resumed from an earlier one) is
+/// replaced once the new one is complete.
 pub fn save(
     output_dir: &Path,
     session: &Session,
@@ -91,9 +92,6 @@ pub fn save(
     keep: Option<usize>,
 ) -> Result<PathBuf> {
     let dir = output_dir.join(name(state.global_step));
-    if dir.join(STATE).is_file() {
-        return Ok(dir);
-    }
     let tmp = output_dir.join(format!(".{}.tmp", name(state.global_step)));
     let io = |p: &Path, e: std::io::Error| file_err(p, e.to_string());
     if tmp.exists() {
@@ -116,6 +114,9 @@ pub fn save(
     // The state file last: a folder without it is not a checkpoint.
     std::fs::write(tmp.join(STATE), json).map_err(|e| io(&tmp, e))?;
     sync_tree(&tmp)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    }
     std::fs::rename(&tmp, &dir).map_err(|e| io(&dir, e))?;
     sync_dir(output_dir)?;
     if let Some(keep) = keep {

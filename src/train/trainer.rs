@@ -230,7 +230,7 @@ pub fn train(
     };
     let step_graph = TrainStep::build(&unet, shape, &opts)?;
     let spec = step_graph.run_spec(adamw(config, base_lr), accum > 1);
-    let mut enc = Encoders::new(gpu, &pipeline, batch, res)?;
+    let mut frozen = Encoders::new(gpu, &pipeline, batch, res)?;
     let TrainStep {
         graph,
         latents,
@@ -336,13 +336,14 @@ pub fn train(
                 on_event(Event::Skipped(path, why));
             }
             epoch = b.epoch;
-            // 1. Latents from the VAE (latent sample from the generator).
-            enc.vae.write(enc.image, &b.images)?;
-            enc.vae
-                .write(enc.vae_key, &rng_key(seed, state.micro_step))?;
-            enc.vae.step()?;
-            enc.vae.copy_to(enc.latents, &s, latents)?;
-            // 5. Text states from CLIP (diffusers' proportion_empty_prompts).
+            // Writes first; then one submission runs, in the spec's order:
+            // 1. latents from the VAE (latent sample from the generator),
+            // 5. text states from CLIP (diffusers' proportion_empty_prompts),
+            // 2-4, 6-10 the step graph.
+            frozen.vae.write(frozen.image, &b.images)?;
+            frozen
+                .vae
+                .write(frozen.vae_key, &rng_key(seed, state.micro_step))?;
             let ids = tokenize(
                 &pipeline,
                 &b.captions,
@@ -350,16 +351,19 @@ pub fn train(
                 seed,
                 state.micro_step,
             )?;
-            enc.clip.write(enc.input_ids, &ids)?;
-            enc.clip.step()?;
-            enc.clip.copy_to(enc.hidden, &s, context)?;
-            // 2-4, 6-10 in the step graph.
+            frozen.clip.write(frozen.input_ids, &ids)?;
             s.write(key, &rng_key(seed, state.micro_step))?;
-            if micro + 1 == accum {
-                s.step()?;
-            } else {
-                s.step_accumulate()?;
-            }
+            let mut cmd = gpu.encoder("train step");
+            frozen.vae.record_step(&mut cmd, false)?;
+            frozen
+                .vae
+                .record_copy(&mut cmd, frozen.latents, &s, latents)?;
+            frozen.clip.record_step(&mut cmd, false)?;
+            frozen
+                .clip
+                .record_copy(&mut cmd, frozen.hidden, &s, context)?;
+            s.record_step(&mut cmd, micro + 1 == accum)?;
+            gpu.queue.submit([cmd.finish()]);
             loss_sum += s.read_blocking(loss)?[0];
             state.micro_step += 1;
             state.position = b.next;
