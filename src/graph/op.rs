@@ -101,14 +101,9 @@ op_enum! {
     /// Swap of the last two dims.
     TransposeLast2(ops::transpose::TransposeLast2),
     // diffusion
-    /// Per-sample timesteps uniform over the train timesteps (counter-based RNG).
-    RandomTimesteps(ops::diffusion::RandomTimesteps),
-    /// N(0, 1) noise (counter-based RNG), with diffusers' noise offset.
-    RandomNormal(ops::diffusion::RandomNormal),
-    /// DDPMScheduler add_noise / get_velocity.
-    Noising(ops::diffusion::Noising),
-    /// The DREAM update of (xt, target) (detached).
-    DreamUpdate(ops::diffusion::DreamUpdate),
+    /// Random timesteps and noise (counter-based RNG), DDPMScheduler
+    /// add_noise / get_velocity, the DREAM update; none differentiable.
+    Diffusion(ops::diffusion::Diffusion),
     // embedding
     /// Sinusoidal timestep embedding (forward only).
     TimestepEmbedding(ops::embedding::TimestepEmbedding),

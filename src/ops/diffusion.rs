@@ -27,33 +27,20 @@ pub fn rng_key(seed: u64, counter: u64) -> [f32; 4] {
     [seed, seed >> 32, counter, counter >> 32].map(|w| f32::from_bits(w as u32))
 }
 
-/// `torch.randint(0, count, (B,))` from the generator, as f32.
+/// The diffusion ops, one variant each.
 #[derive(Clone, Debug)]
-pub struct RandomTimesteps {
-    pub count: u32,
-}
-
-/// N(0, 1) noise, plus `offset` * N(0, 1) per leading (batch, channel) plane
-/// (diffusers' `noise_offset`).
-#[derive(Clone, Debug)]
-pub struct RandomNormal {
-    pub stream: u32,
-    pub offset: f32,
-}
-
-/// `add_noise` (xt = alpha_t x0 + sigma_t noise) or `get_velocity`
-/// (v = alpha_t noise - sigma_t x0) of diffusers' DDPMScheduler.
-#[derive(Clone, Debug)]
-pub struct Noising {
-    pub velocity: bool,
-}
-
-/// The spec's DREAM update of (xt, target) from a no-grad prediction.
-#[derive(Clone, Debug)]
-pub struct DreamUpdate {
-    pub v_prediction: bool,
-    /// p of lambda = sigma_t^p (`dream_detail_preservation`).
-    pub detail: f32,
+pub enum Diffusion {
+    /// `torch.randint(0, count, (B,))` from the generator, as f32.
+    RandomTimesteps { count: u32 },
+    /// N(0, 1) noise, plus `offset` * N(0, 1) per leading (batch, channel)
+    /// plane (diffusers' `noise_offset`).
+    RandomNormal { stream: u32, offset: f32 },
+    /// `add_noise` (xt = alpha_t x0 + sigma_t noise) or, with `velocity`,
+    /// `get_velocity` (v = alpha_t noise - sigma_t x0) of DDPMScheduler.
+    Noising { velocity: bool },
+    /// The spec's DREAM update of (xt, target) from a no-grad prediction;
+    /// `detail` is p of lambda = sigma_t^p (`dream_detail_preservation`).
+    DreamUpdate { v_prediction: bool, detail: f32 },
 }
 
 impl Graph {
@@ -66,7 +53,7 @@ impl Graph {
         count: u32,
     ) -> Result<TensorId> {
         check_key(self, key, "random_timesteps")?;
-        let op = RandomTimesteps { count };
+        let op = Diffusion::RandomTimesteps { count };
         Ok(self.add_node(op.into(), &[key], &[(vec![batch], DType::F32)])[0])
     }
 
@@ -86,7 +73,7 @@ impl Graph {
                 format!("a noise offset needs (batch, channel, ..) axes, got {shape:?}"),
             ));
         }
-        let op = RandomNormal { stream, offset };
+        let op = Diffusion::RandomNormal { stream, offset };
         Ok(self.add_node(op.into(), &[key], &[(shape.to_vec(), DType::F32)])[0])
     }
 
@@ -127,7 +114,8 @@ impl Graph {
         };
         check_per_sample(self, op, &[x0, noise], t, ac)?;
         let (s, d) = (self.shape(x0).to_vec(), self.dtype(x0));
-        Ok(self.add_node(Noising { velocity }.into(), &[x0, noise, t, ac], &[(s, d)])[0])
+        let op = Diffusion::Noising { velocity };
+        Ok(self.add_node(op.into(), &[x0, noise, t, ac], &[(s, d)])[0])
     }
 
     /// The DREAM update: from `pred` (a no-grad model call on `xt`) the new
@@ -152,7 +140,7 @@ impl Graph {
             alphas_cumprod,
         )?;
         let (s, d) = (self.shape(xt).to_vec(), self.dtype(xt));
-        let op = DreamUpdate {
+        let op = Diffusion::DreamUpdate {
             v_prediction,
             detail,
         };
@@ -207,92 +195,70 @@ fn per_sample(e: &Emit, x: TensorId) -> usize {
     e.numel(x) / e.shape(x)[0].max(1)
 }
 
-impl OpKernels for RandomTimesteps {
+impl OpKernels for Diffusion {
     fn kind(&self) -> &'static str {
-        "random_timesteps"
+        match self {
+            Diffusion::RandomTimesteps { .. } => "random_timesteps",
+            Diffusion::RandomNormal { .. } => "random_normal",
+            Diffusion::Noising { velocity: false } => "add_noise",
+            Diffusion::Noising { velocity: true } => "get_velocity",
+            Diffusion::DreamUpdate { .. } => "dream_update",
+        }
     }
 
     fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
         let n = e.numel(o[0]);
-        e.push(
-            Kernel::new("diffusion", "random_timesteps")
+        let k = match *self {
+            Diffusion::RandomTimesteps { count } => Kernel::new("diffusion", "random_timesteps")
                 .bind("key", Slot::Value(i[0]))
                 .bind("t", Slot::Value(o[0]))
                 .u32(n)
-                .u32(self.count as usize)
+                .u32(count as usize)
                 .u32(stream::TIMESTEPS as usize)
                 .groups((n as u32).div_ceil(64).max(1), 1, 1),
-        );
+            Diffusion::RandomNormal { stream, offset } => {
+                let plane = e.shape(o[0]).iter().skip(2).product::<usize>().max(1);
+                Kernel::new("diffusion", "random_normal")
+                    .bind("key", Slot::Value(i[0]))
+                    .bind("y", Slot::Value(o[0]))
+                    .u32(n)
+                    .u32(stream as usize)
+                    .u32(plane)
+                    .f32(offset)
+                    .groups_1d(n.div_ceil(4), WG)
+            }
+            Diffusion::Noising { velocity } => {
+                let mut k = Kernel::new("diffusion", "add_noise").konst("VELOCITY", velocity);
+                for (name, &t) in ["x0", "noise", "t", "ac"].iter().zip(i) {
+                    k = k.bind(name, Slot::Value(t));
+                }
+                k.bind("y", Slot::Value(o[0]))
+                    .u32(n)
+                    .u32(per_sample(e, i[0]))
+                    .groups_1d(n, WG)
+            }
+            Diffusion::DreamUpdate {
+                v_prediction,
+                detail,
+            } => {
+                let mut k =
+                    Kernel::new("diffusion", "dream_update").konst("V_PREDICTION", v_prediction);
+                for (name, &t) in ["xt", "target", "noise", "pred", "t", "ac"].iter().zip(i) {
+                    k = k.bind(name, Slot::Value(t));
+                }
+                k.bind("xt_out", Slot::Value(o[0]))
+                    .bind("target_out", Slot::Value(o[1]))
+                    .u32(n)
+                    .u32(per_sample(e, i[0]))
+                    .f32(detail)
+                    .groups_1d(n, WG)
+            }
+        };
+        e.push(k);
         Ok(())
     }
 
-    fn backward(&self, _e: &mut Emit, _i: &[TensorId], _o: &[TensorId]) -> Result<()> {
-        Ok(())
-    }
-
-    fn differentiable(&self) -> bool {
-        false
-    }
-}
-
-impl OpKernels for RandomNormal {
-    fn kind(&self) -> &'static str {
-        "random_normal"
-    }
-
-    fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
-        let n = e.numel(o[0]);
-        let s = e.shape(o[0]);
-        let plane = s.iter().skip(2).product::<usize>().max(1);
-        e.push(
-            Kernel::new("diffusion", "random_normal")
-                .bind("key", Slot::Value(i[0]))
-                .bind("y", Slot::Value(o[0]))
-                .u32(n)
-                .u32(self.stream as usize)
-                .u32(plane)
-                .f32(self.offset)
-                .groups_1d(n.div_ceil(4), WG),
-        );
-        Ok(())
-    }
-
-    fn backward(&self, _e: &mut Emit, _i: &[TensorId], _o: &[TensorId]) -> Result<()> {
-        Ok(())
-    }
-
-    fn differentiable(&self) -> bool {
-        false
-    }
-}
-
-impl OpKernels for Noising {
-    fn kind(&self) -> &'static str {
-        if self.velocity {
-            "get_velocity"
-        } else {
-            "add_noise"
-        }
-    }
-
-    fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
-        let n = e.numel(o[0]);
-        let per = per_sample(e, i[0]);
-        e.push(
-            Kernel::new("diffusion", "add_noise")
-                .konst("VELOCITY", self.velocity)
-                .bind("x0", Slot::Value(i[0]))
-                .bind("noise", Slot::Value(i[1]))
-                .bind("t", Slot::Value(i[2]))
-                .bind("ac", Slot::Value(i[3]))
-                .bind("y", Slot::Value(o[0]))
-                .u32(n)
-                .u32(per)
-                .groups_1d(n, WG),
-        );
-        Ok(())
-    }
-
+    /// Nothing flows back: see [`OpKernels::differentiable`].
     fn backward(&self, _e: &mut Emit, _i: &[TensorId], _o: &[TensorId]) -> Result<()> {
         Ok(())
     }
@@ -302,44 +268,12 @@ impl OpKernels for Noising {
     }
 
     fn flops(&self, g: &Graph, i: &[TensorId], _o: &[TensorId]) -> u64 {
-        3 * g.numel(i[0]) as u64
-    }
-}
-
-impl OpKernels for DreamUpdate {
-    fn kind(&self) -> &'static str {
-        "dream_update"
-    }
-
-    fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
-        let n = e.numel(o[0]);
-        let per = per_sample(e, i[0]);
-        let mut k =
-            Kernel::new("diffusion", "dream_update").konst("V_PREDICTION", self.v_prediction);
-        for (name, &t) in ["xt", "target", "noise", "pred", "t", "ac"].iter().zip(i) {
-            k = k.bind(name, Slot::Value(t));
-        }
-        e.push(
-            k.bind("xt_out", Slot::Value(o[0]))
-                .bind("target_out", Slot::Value(o[1]))
-                .u32(n)
-                .u32(per)
-                .f32(self.detail)
-                .groups_1d(n, WG),
-        );
-        Ok(())
-    }
-
-    fn backward(&self, _e: &mut Emit, _i: &[TensorId], _o: &[TensorId]) -> Result<()> {
-        Ok(())
-    }
-
-    fn differentiable(&self) -> bool {
-        false
-    }
-
-    fn flops(&self, g: &Graph, i: &[TensorId], _o: &[TensorId]) -> u64 {
-        8 * g.numel(i[0]) as u64
+        let per_element = match self {
+            Diffusion::Noising { .. } => 3,
+            Diffusion::DreamUpdate { .. } => 8,
+            _ => 0,
+        };
+        per_element * g.numel(i[0]) as u64
     }
 }
 

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 pub struct Config {
     pub model: ModelConfig,
     pub train: TrainConfig,
-    pub data: DataConfig,
+    pub data: DataOptions,
     pub scheduler: SchedulerOverrides,
 }
 
@@ -116,54 +116,6 @@ impl Default for TrainConfig {
             checkpointing_steps: 500,
             checkpoints_total_limit: None,
             output_dir: PathBuf::from("difftrain-output"),
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DataConfig {
-    /// A folder of images with captions (`metadata.jsonl` or sidecar
-    /// `.txt`). Unset: the built-in procedural dataset.
-    pub train_data_dir: Option<PathBuf>,
-    pub image_column: String,
-    pub caption_column: String,
-    pub resolution: usize,
-    pub center_crop: bool,
-    pub random_flip: bool,
-    /// Train on a seeded random subset of this many examples.
-    pub max_train_samples: Option<usize>,
-    /// Examples of the built-in dataset.
-    pub builtin_size: usize,
-}
-
-impl Default for DataConfig {
-    /// diffusers' defaults.
-    fn default() -> Self {
-        DataConfig {
-            train_data_dir: None,
-            image_column: "image".into(),
-            caption_column: "text".into(),
-            resolution: 512,
-            center_crop: false,
-            random_flip: false,
-            max_train_samples: None,
-            builtin_size: 512,
-        }
-    }
-}
-
-impl DataConfig {
-    /// The data loader's options.
-    pub fn options(&self) -> DataOptions {
-        DataOptions {
-            train_data_dir: self.train_data_dir.clone(),
-            image_column: self.image_column.clone(),
-            caption_column: self.caption_column.clone(),
-            resolution: self.resolution,
-            center_crop: self.center_crop,
-            random_flip: self.random_flip,
-            builtin_size: self.builtin_size,
         }
     }
 }

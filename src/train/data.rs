@@ -34,8 +34,9 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{file_err, Error, Result};
 
 /// Where the images come from and how they are preprocessed (diffusers
-/// `train_text_to_image` names and defaults).
-#[derive(Clone, Debug, PartialEq)]
+/// `train_text_to_image` names and defaults): the config's `[data]` section.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct DataOptions {
     /// Folder of training images; `None` selects the built-in procedural dataset.
     pub train_data_dir: Option<PathBuf>,
@@ -52,6 +53,9 @@ pub struct DataOptions {
     pub random_flip: bool,
     /// Number of examples of the built-in dataset (default 512).
     pub builtin_size: usize,
+    /// Train on a seeded random subset of this many examples (see
+    /// [`Dataset::select`]).
+    pub max_train_samples: Option<usize>,
 }
 
 impl Default for DataOptions {
@@ -64,6 +68,7 @@ impl Default for DataOptions {
             center_crop: false,
             random_flip: false,
             builtin_size: 512,
+            max_train_samples: None,
         }
     }
 }

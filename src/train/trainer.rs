@@ -178,7 +178,7 @@ pub fn train(
     } else {
         0
     };
-    let mut dataset = Dataset::open(&config.data.options(), data_seed)?;
+    let mut dataset = Dataset::open(&config.data, data_seed)?;
     if let Some(n) = config.data.max_train_samples {
         dataset.select(n, seed);
     }
