@@ -79,3 +79,16 @@ fn adamw(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     let denom = sqrt(v) / sqrt(hyper_load(2u)) + p.eps;
     param_store(i, w - (lr / hyper_load(1u)) * m / denom);
 }
+
+//@ entry ema_update
+//@ tensors param:read shadow:rw one_minus_decay:read
+// diffusers' EMAModel.step for the first n elements of the bound windows:
+// shadow -= (1 - decay) * (shadow - param), 1 - decay from the host.
+struct Params { n: u32 }
+@compute @workgroup_size(WG)
+fn ema_update(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_id(gid, nwg, WG);
+    if (i >= p.n) { return; }
+    let s = shadow_load(i);
+    shadow_store(i, s - one_minus_decay_load(0u) * (s - param_load(i)));
+}

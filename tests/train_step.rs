@@ -182,7 +182,7 @@ fn accumulated_half_batches_equal_one_whole_batch() {
             text_dim: 12,
         };
         let step = TrainStep::build(&unet, shape, &opts).unwrap();
-        let spec = step.run_spec(adamw(&config, config.train.learning_rate), accum > 1);
+        let spec = step.run_spec(adamw(&config, config.train.learning_rate), accum > 1, false);
         let graph = Arc::new(step.graph);
         let mut s = Session::new(gpu(), graph.clone(), spec).unwrap();
         load_params(&s, &weights).unwrap();
@@ -251,7 +251,7 @@ fn dream_pass_keeps_no_activations() {
         let schedule = noise_schedule(&dir.join("unet"), &config).unwrap();
         let opts = step_options(&config, &schedule, false).unwrap();
         let step = TrainStep::build(&unet, shape, &opts).unwrap();
-        let spec = step.run_spec(adamw(&config, 1e-3), false);
+        let spec = step.run_spec(adamw(&config, 1e-3), false, false);
         let plan = Plan::build(&step.graph, &gpu().caps, &spec).unwrap();
         (plan.stats.pooled_bytes, plan.stats.dispatches)
     };

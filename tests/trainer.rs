@@ -56,22 +56,40 @@ fn unet_bytes(dir: &Path) -> Vec<u8> {
 
 #[test]
 fn resume_is_bit_identical_with_accumulation_in_mid_epoch() {
-    let whole = scratch("whole");
-    let s = run(&tiny(&whole, &[]), None).unwrap();
+    check_resume("plain", &[]);
+}
+
+#[test]
+fn resume_is_bit_identical_with_ema() {
+    check_resume("ema", &["train.use_ema=true", "train.ema_use_warmup=true"]);
+}
+
+/// 5 steps in one run, and 2 steps + resume + 3 steps, give identical
+/// final UNet weights (the EMA's, when it is on).
+fn check_resume(name: &str, extra: &[&str]) {
+    let whole = scratch(&format!("whole-{name}"));
+    let s = run(&tiny(&whole, extra), None).unwrap();
     assert_eq!((s.steps, s.interrupted), (5, false));
     let (first, last) = (s.first_loss.unwrap(), s.last_loss.unwrap());
     assert!(first.is_finite() && last.is_finite());
 
     // Stop after step 2 (micro-batch 4 of an epoch of 6), then resume.
-    let split = scratch("split");
-    let s = run(&tiny(&split, &[]), Some(2)).unwrap();
+    let split = scratch(&format!("split-{name}"));
+    let s = run(&tiny(&split, extra), Some(2)).unwrap();
     assert_eq!((s.steps, s.interrupted), (2, true));
     assert!(split.join("checkpoint-2/unet/config.json").is_file());
-    let s = run(&tiny(&split, &["train.resume_from=latest"]), None).unwrap();
+    let ema = extra.contains(&"train.use_ema=true");
+    assert_eq!(
+        split.join("checkpoint-2/unet_ema/config.json").is_file(),
+        ema
+    );
+    let mut resumed = extra.to_vec();
+    resumed.push("train.resume_from=latest");
+    let s = run(&tiny(&split, &resumed), None).unwrap();
     assert_eq!((s.steps, s.steps_this_run), (5, 3));
     assert!(
         unet_bytes(&whole) == unet_bytes(&split),
-        "5 steps and 2 + resume + 3 steps must give identical UNet weights"
+        "{name}: 5 steps and 2 + resume + 3 steps must give identical UNet weights"
     );
 
     // The log has one line per step, with the fields the issue names.

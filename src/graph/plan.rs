@@ -55,6 +55,10 @@ pub struct RunSpec {
     /// with [`crate::Session::step_accumulate`] (no optimizer), and the
     /// optimizer zeroes each gradient after using it.
     pub accumulate_grads: bool,
+    /// Keep an exponential moving average of the trained parameters in
+    /// persistent `ema.NAME` storages, updated after each optimizer step
+    /// (see [`crate::ops::optim::emit_ema`]).
+    pub ema: bool,
 }
 
 /// One planned allocation (a tensor's values or gradient, scratch, state).
@@ -109,7 +113,7 @@ pub struct Plan {
     pub adamw_step: Option<Slot>,
     pub adamw: Option<AdamW>,
     pub trained_params: Vec<TensorId>,
-    /// `kernels[optimizer_start..]` are the optimizer's (clipping, AdamW).
+    /// `kernels[optimizer_start..]` are the optimizer's (clipping, AdamW, EMA).
     pub optimizer_start: usize,
 }
 
@@ -217,6 +221,10 @@ impl Plan {
                 opt,
                 spec.accumulate_grads,
             )?);
+        }
+        if spec.ema {
+            e.node_name = "ema".into();
+            crate::ops::optim::emit_ema(&mut e, &trained_params);
         }
 
         // 4. Slots -> storages.

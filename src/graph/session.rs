@@ -246,7 +246,7 @@ impl Session {
     }
 
     /// The persistent storage labelled `label` (optimizer state: `adamw.m.NAME`,
-    /// `adamw.v.NAME`, `adamw.clip`).
+    /// `adamw.v.NAME`, `adamw.clip`; EMA shadows `ema.NAME`).
     fn state(&self, label: &str) -> Result<&super::plan::StorageDesc> {
         self.plan
             .storages
@@ -258,12 +258,14 @@ impl Session {
             })
     }
 
-    /// Labels of the optimizer's persistent state, in plan order.
-    pub fn state_labels(&self) -> Vec<String> {
+    /// Labels of the persistent state storages (optimizer moments
+    /// `adamw.m.NAME` / `adamw.v.NAME`, EMA shadows `ema.NAME`, ...) that
+    /// start with `prefix`, in plan order.
+    pub fn state_labels(&self, prefix: &str) -> Vec<String> {
         self.plan
             .storages
             .iter()
-            .filter(|s| s.persistent && s.label.starts_with("adamw."))
+            .filter(|s| s.persistent && s.label.starts_with(prefix))
             .map(|s| s.label.clone())
             .collect()
     }

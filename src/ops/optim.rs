@@ -97,6 +97,36 @@ pub fn emit_adamw(
     Ok(hyper)
 }
 
+/// Label of the persistent `[1]` storage holding 1 - decay of the next
+/// EMA update (written by the host before each optimizer step).
+pub const EMA_ONE_MINUS_DECAY: &str = "ema.one_minus_decay";
+
+/// The EMA shadow of parameter `name`.
+pub fn ema_label(name: &str) -> String {
+    format!("ema.{name}")
+}
+
+/// Emit the EMA update of `params` (after the optimizer): for each, its
+/// shadow s -= (1 - decay) * (s - param), diffusers' `EMAModel.step`.
+pub fn emit_ema(e: &mut Emit, params: &[TensorId]) {
+    let one_minus = e.persistent(EMA_ONE_MINUS_DECAY, 1, DType::F32);
+    for &p in params {
+        let n = e.numel(p);
+        let name = e.graph.desc(p).name.clone();
+        let shadow = e.persistent(&ema_label(&name), n, DType::F32);
+        for w in e.windows(DType::F32, n, SUMSQ_BLOCK) {
+            e.push(
+                Kernel::new("optim", "ema_update")
+                    .bind_window("param", Slot::Value(p), w)
+                    .bind_window("shadow", shadow, w)
+                    .bind("one_minus_decay", one_minus)
+                    .u32(w.numel)
+                    .groups_1d(w.numel, WG),
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::graph::{AdamW, Graph, RunSpec, Session};

@@ -5,6 +5,7 @@
 //! ```text
 //! checkpoint-STEP/
 //!   unet/config.json, unet/diffusion_pytorch_model.safetensors   (diffusers layout)
+//!   unet_ema/ ...            the EMA weights, when the EMA is on
 //!   optimizer.safetensors    AdamW moments `adamw.m.NAME`, `adamw.v.NAME` (f32)
 //!   trainer_state.json       step, micro-step (the RNG counter), data position,
 //!                            seed, LR schedule, images skipped, time
@@ -21,6 +22,7 @@ use crate::io::config::write_config;
 use crate::io::{HostTensor, TensorFile, WeightFile};
 use crate::models::weights::{load_params, read_params};
 use crate::models::UNet;
+use crate::ops::optim::{ema_label, EMA_ONE_MINUS_DECAY};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -46,6 +48,7 @@ pub struct TrainerState {
 const STATE: &str = "trainer_state.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const UNET_WEIGHTS: &str = "unet/diffusion_pytorch_model.safetensors";
+const UNET_EMA_WEIGHTS: &str = "unet_ema/diffusion_pytorch_model.safetensors";
 
 /// The folder name of the checkpoint after `step` optimizer steps.
 pub fn name(step: u64) -> String {
@@ -99,14 +102,16 @@ pub fn save(
     }
     std::fs::create_dir_all(tmp.join("unet")).map_err(|e| io(&tmp, e))?;
 
-    write_unet(&tmp.join("unet"), session, unet)?;
+    write_unet(&tmp.join("unet"), session, unet, false)?;
+    if has_ema(session) {
+        std::fs::create_dir_all(tmp.join("unet_ema")).map_err(|e| io(&tmp, e))?;
+        write_unet(&tmp.join("unet_ema"), session, unet, true)?;
+    }
     pause_for_crash_test(state.global_step);
     let mut opt = TensorFile::new(&tmp.join(OPTIMIZER));
-    for label in session.state_labels() {
-        if label.starts_with("adamw.m.") || label.starts_with("adamw.v.") {
-            let v = session.read_state_blocking(&label)?;
-            opt.insert(&label, HostTensor::f32(&[v.len()], v));
-        }
+    for label in moment_labels(session) {
+        let v = session.read_state_blocking(&label)?;
+        opt.insert(&label, HostTensor::f32(&[v.len()], v));
     }
     opt.write(&tmp.join(OPTIMIZER), None)?;
     let json = serde_json::to_string_pretty(state).map_err(|e| file_err(&tmp, e.to_string()))?;
@@ -128,12 +133,33 @@ pub fn save(
     Ok(dir)
 }
 
-/// The UNet's `config.json` and weights (diffusers layout) into `dir`.
-pub fn write_unet(dir: &Path, session: &Session, unet: &UNet) -> Result<()> {
+/// The UNet's `config.json` and weights (diffusers layout) into `dir`:
+/// the trained weights, or with `ema` their EMA shadows.
+pub fn write_unet(dir: &Path, session: &Session, unet: &UNet, ema: bool) -> Result<()> {
     let header = [("_class_name", serde_json::json!("UNet2DConditionModel"))];
     write_config(&dir.join("config.json"), &header, &unet.config)?;
     let path = dir.join("diffusion_pytorch_model.safetensors");
-    read_params(session, &path)?.write(&path, None)
+    let mut weights = read_params(session, &path)?;
+    if ema {
+        for (name, t) in weights.tensors.iter_mut() {
+            t.values = session.read_state_blocking(&ema_label(name))?;
+        }
+    }
+    weights.write(&path, None)
+}
+
+/// Whether the session keeps an EMA of its parameters.
+fn has_ema(session: &Session) -> bool {
+    !session.state_labels(EMA_ONE_MINUS_DECAY).is_empty()
+}
+
+/// Start the EMA shadows as copies of the parameters (`EMAModel(params)`).
+pub fn reset_ema(session: &Session) -> Result<()> {
+    for &p in &session.plan.trained_params {
+        let values = session.read_blocking(p)?;
+        session.write_state(&ema_label(&session.graph.desc(p).name), &values)?;
+    }
+    Ok(())
 }
 
 /// Restore a checkpoint into `session` (whose graph is `unet`'s training
@@ -153,10 +179,7 @@ pub fn load(dir: &Path, session: &mut Session, unet: &UNet) -> Result<TrainerSta
 
     let opt_path = dir.join(OPTIMIZER);
     let opt = TensorFile::read(&opt_path)?;
-    for label in session.state_labels() {
-        if !(label.starts_with("adamw.m.") || label.starts_with("adamw.v.")) {
-            continue;
-        }
+    for label in moment_labels(session) {
         let t = opt.get(&label)?;
         session
             .write_state(&label, &t.values)
@@ -165,8 +188,32 @@ pub fn load(dir: &Path, session: &mut Session, unet: &UNet) -> Result<TrainerSta
                 msg: format!("in {}: {e}", opt_path.display()),
             })?;
     }
+    if has_ema(session) {
+        let path = dir.join(UNET_EMA_WEIGHTS);
+        let ema = WeightFile::read(&path)?;
+        for &p in &session.plan.trained_params.clone() {
+            let name = &session.graph.desc(p).name;
+            let values = ema.decode(name).ok_or_else(|| Error::Tensor {
+                name: name.clone(),
+                msg: format!("missing from {} (the EMA weights)", path.display()),
+            })?;
+            session
+                .write_state(&ema_label(name), &values)
+                .map_err(|e| Error::Tensor {
+                    name: name.clone(),
+                    msg: format!("in {}: {e}", path.display()),
+                })?;
+        }
+    }
     session.set_optimizer_steps(state.global_step);
     Ok(state)
+}
+
+/// Labels of AdamW's moments.
+fn moment_labels(session: &Session) -> Vec<String> {
+    let mut labels = session.state_labels("adamw.m.");
+    labels.extend(session.state_labels("adamw.v."));
+    labels
 }
 
 /// The checkpoint's UNet config must be the one being trained.

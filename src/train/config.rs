@@ -5,6 +5,7 @@
 //! are errors naming the key.
 
 use super::data::DataOptions;
+use super::ema::EmaSchedule;
 use super::lr::LrSchedule;
 use super::scheduler::{BetaSchedule, NoiseSchedule, PredictionType};
 use crate::error::{file_err, Error, Result};
@@ -87,6 +88,15 @@ pub struct TrainConfig {
     pub checkpointing_steps: u64,
     pub checkpoints_total_limit: Option<usize>,
     pub output_dir: PathBuf,
+    /// Keep an EMA of the UNet's weights (diffusers' `EMAModel`); the
+    /// final pipeline's `unet/` then holds the EMA weights.
+    pub use_ema: bool,
+    pub ema_decay: f64,
+    pub ema_min_decay: f64,
+    pub ema_update_after_step: u64,
+    pub ema_use_warmup: bool,
+    pub ema_inv_gamma: f64,
+    pub ema_power: f64,
 }
 
 impl Default for TrainConfig {
@@ -116,7 +126,28 @@ impl Default for TrainConfig {
             checkpointing_steps: 500,
             checkpoints_total_limit: None,
             output_dir: PathBuf::from("difftrain-output"),
+            use_ema: false,
+            ema_decay: 0.9999,
+            ema_min_decay: 0.0,
+            ema_update_after_step: 0,
+            ema_use_warmup: false,
+            ema_inv_gamma: 1.0,
+            ema_power: 2.0 / 3.0,
         }
+    }
+}
+
+impl TrainConfig {
+    /// The EMA's decay schedule, when `use_ema`.
+    pub fn ema(&self) -> Option<EmaSchedule> {
+        self.use_ema.then_some(EmaSchedule {
+            decay: self.ema_decay,
+            min_decay: self.ema_min_decay,
+            update_after_step: self.ema_update_after_step,
+            use_warmup: self.ema_use_warmup,
+            inv_gamma: self.ema_inv_gamma,
+            power: self.ema_power,
+        })
     }
 }
 
@@ -281,6 +312,23 @@ impl Config {
             if v.is_nan() || v < 0.0 {
                 return Err(err(k, format!("must be >= 0, got {v}")));
             }
+        }
+        for (k, v) in [
+            ("train.ema_decay", t.ema_decay),
+            ("train.ema_min_decay", t.ema_min_decay),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(err(k, format!("must be in [0, 1], got {v}")));
+            }
+        }
+        if !(t.ema_inv_gamma > 0.0 && t.ema_power > 0.0) {
+            return Err(err(
+                "train.ema_inv_gamma",
+                format!(
+                    "ema_inv_gamma and ema_power must be > 0, got {} and {}",
+                    t.ema_inv_gamma, t.ema_power
+                ),
+            ));
         }
         if !(0.0..=1.0).contains(&t.proportion_empty_prompts) {
             return Err(err(

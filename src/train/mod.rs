@@ -6,6 +6,7 @@ pub mod builtin;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod ema;
 pub mod lr;
 pub mod scheduler;
 pub mod single_step;

@@ -132,7 +132,7 @@ pub fn single_step(
         text_dim: cross,
     };
     let step = TrainStep::build(&unet, shape, &opts)?;
-    let spec = step.run_spec(adamw(config, config.train.learning_rate), false);
+    let spec = step.run_spec(adamw(config, config.train.learning_rate), false, false);
     let (loss, xt, target) = (step.loss, step.noisy_latents, step.target);
     let graph = Arc::new(step.graph);
     let mut s = Session::new(gpu, graph.clone(), spec)?;

@@ -130,14 +130,16 @@ impl TrainStep {
         })
     }
 
-    /// Step 10: backward from the loss, then AdamW (after clipping). With
-    /// `accumulate`, parameter gradients add up over micro-steps.
-    pub fn run_spec(&self, optimizer: AdamW, accumulate: bool) -> RunSpec {
+    /// Step 10: backward from the loss, then AdamW (after clipping) and,
+    /// with `ema`, the EMA update. With `accumulate`, parameter gradients
+    /// add up over micro-steps.
+    pub fn run_spec(&self, optimizer: AdamW, accumulate: bool, ema: bool) -> RunSpec {
         RunSpec {
             outputs: vec![self.loss, self.noisy_latents, self.target, self.timesteps],
             seeds: vec![(self.loss, self.loss_grad)],
             optimizer: Some(optimizer),
             accumulate_grads: accumulate,
+            ema,
             ..Default::default()
         }
     }

@@ -23,6 +23,7 @@ use crate::models::vae::upgrade_legacy_names;
 use crate::models::weights::{init_params, load_params, weights_path};
 use crate::models::{PipelineDir, UNet};
 use crate::ops::diffusion::{rng_key, stream};
+use crate::ops::optim::EMA_ONE_MINUS_DECAY;
 use crate::Gpu;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -229,7 +230,8 @@ pub fn train(
         text_dim: pipeline.text_encoder.config.hidden_size,
     };
     let step_graph = TrainStep::build(&unet, shape, &opts)?;
-    let spec = step_graph.run_spec(adamw(config, base_lr), accum > 1);
+    let ema = t.ema();
+    let spec = step_graph.run_spec(adamw(config, base_lr), accum > 1, ema.is_some());
     let mut frozen = Encoders::new(gpu, &pipeline, batch, res)?;
     let TrainStep {
         graph,
@@ -289,6 +291,9 @@ pub fn train(
                 load_params(&s, &w)?;
             }
         },
+    }
+    if ema.is_some() && state.global_step == 0 {
+        checkpoint::reset_ema(&s)?;
     }
     state.max_train_steps = total;
     let first_step = state.global_step;
@@ -353,6 +358,10 @@ pub fn train(
             )?;
             frozen.clip.write(frozen.input_ids, &ids)?;
             s.write(key, &rng_key(seed, state.micro_step))?;
+            if let Some(ema) = &ema {
+                let decay = ema.decay_at(state.global_step + 1);
+                s.write_state(EMA_ONE_MINUS_DECAY, &[(1.0 - decay) as f32])?;
+            }
             let mut cmd = gpu.encoder("train step");
             frozen.vae.record_step(&mut cmd, false)?;
             frozen
@@ -407,7 +416,7 @@ pub fn train(
     if interrupted {
         on_event(Event::Note("stopped on request".into()));
     } else {
-        write_pipeline(&out_dir, &pipeline.root, &s, &unet)?;
+        write_pipeline(&out_dir, &pipeline.root, &s, &unet, ema.is_some())?;
     }
     Ok(Summary {
         steps: state.global_step,
@@ -480,9 +489,10 @@ fn tokenize(
     Ok(ids.into_iter().flatten().map(|i| i as f32).collect())
 }
 
-/// The final pipeline folder: the trained UNet and the base pipeline's
-/// other components.
-fn write_pipeline(out: &Path, base: &Path, s: &Session, unet: &UNet) -> Result<()> {
+/// The final pipeline folder: the trained UNet (its EMA weights with
+/// `ema`, as diffusers' script saves them) and the base pipeline's other
+/// components.
+fn write_pipeline(out: &Path, base: &Path, s: &Session, unet: &UNet, ema: bool) -> Result<()> {
     if same_dir(out, base) {
         return Err(file_err(
             out,
@@ -496,7 +506,7 @@ fn write_pipeline(out: &Path, base: &Path, s: &Session, unet: &UNet) -> Result<(
         .map_err(|e| file_err(&out.join("model_index.json"), e.to_string()))?;
     let dir = out.join("unet");
     std::fs::create_dir_all(&dir).map_err(|e| file_err(&dir, e.to_string()))?;
-    checkpoint::write_unet(&dir, s, unet)
+    checkpoint::write_unet(&dir, s, unet, ema)
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {

@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests (each test binary uses a part).
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
