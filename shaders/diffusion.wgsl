@@ -157,3 +157,24 @@ fn dream_update(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         target_out_store(i, target_load(i) + scaled);
     }
 }
+
+//@ entry min_snr_weights
+//@ tensors t:read ac:read w:write
+//@ use schedule
+// Min-SNR loss weights (diffusers' compute_snr and train_text_to_image):
+// snr = (alpha_t / sigma_t)^2, w = min(snr, gamma), then divided by snr
+// (DIVISOR 1, epsilon), by snr + 1 (DIVISOR 2, v-prediction) or kept (0).
+//@ const DIVISOR = 0u
+struct Params { n: u32, gamma: f32 }
+@compute @workgroup_size(64)
+fn min_snr_weights(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let b = gid.x;
+    if (b >= p.n) { return; }
+    let as_ = alpha_sigma(t_load(b));
+    let r = as_.x / as_.y;
+    let snr = r * r;
+    var w = min(snr, p.gamma);
+    if (DIVISOR == 1u) { w = w / snr; }
+    if (DIVISOR == 2u) { w = w / (snr + 1.0); }
+    w_store(b, w);
+}

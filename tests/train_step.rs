@@ -2,9 +2,10 @@
 //! written by tests/fixtures/generate_step.py (diffusers' DDPMScheduler, the
 //! spec's DREAM, torch AdamW after clip_grad_norm_, in float64).
 //!
-//! Tolerances (relative L2 over each tensor), the bar: `loss`,
+//! Tolerances (relative L2 over each tensor), the issues' bars: `loss`,
 //! `noisy_latents`, `target` 1e-4; `grad_norm` 1e-4; every updated
-//! parameter and every update (new - old) 1e-3; `alphas_cumprod` 1e-6. Adam's
+//! parameter and every update (new - old) 1e-3; `alphas_cumprod` 1e-6;
+//! Min-SNR `mse_loss_weights` 1e-5. Adam's
 //! first step is about lr * sign(g), so the updates are what shows a wrong
 //! gradient, clipping or weight decay.
 
@@ -29,6 +30,9 @@ const CASES: &[&str] = &[
     "v_linear",
     "eps_cos",
     "v_zero_snr",
+    "eps_snr5",
+    "v_snr5_dream",
+    "eps_snr1_linear",
 ];
 
 fn check(name: &str, got: &[f32], want: &[f32], tol: f64) -> f64 {
@@ -63,6 +67,15 @@ fn step_matches_pytorch_on_every_case() {
             w("alphas_cumprod"),
             1e-6,
         );
+        if want.tensors.contains_key("mse_loss_weights") {
+            let err = check(
+                &format!("{case} mse_loss_weights"),
+                g("mse_loss_weights"),
+                w("mse_loss_weights"),
+                1e-5,
+            );
+            line += &format!(" min-snr weights {err:.1e}");
+        }
         let (mut worst_param, mut worst_update) = (0.0f64, (0.0f64, String::new()));
         for (name, old) in &before.tensors {
             worst_param = worst_param.max(check(&format!("{case} {name}"), g(name), w(name), 1e-3));

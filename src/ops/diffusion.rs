@@ -41,6 +41,20 @@ pub enum Diffusion {
     /// The spec's DREAM update of (xt, target) from a no-grad prediction;
     /// `detail` is p of lambda = sigma_t^p (`dream_detail_preservation`).
     DreamUpdate { v_prediction: bool, detail: f32 },
+    /// Min-SNR loss weights per sample: min(snr_t, gamma) / divisor.
+    MinSnrWeights { gamma: f32, divisor: SnrDivisor },
+}
+
+/// What the Min-SNR weight min(snr, gamma) is divided by, by prediction
+/// type (diffusers' train_text_to_image).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnrDivisor {
+    /// `sample`: not divided.
+    One = 0,
+    /// `epsilon`: snr.
+    Snr = 1,
+    /// `v_prediction`: snr + 1.
+    SnrPlusOne = 2,
 }
 
 impl Graph {
@@ -153,6 +167,31 @@ impl Graph {
     }
 }
 
+impl Graph {
+    /// Min-SNR loss weights `[B]` for `timesteps` (diffusers' `compute_snr`:
+    /// snr = (alpha_t / sigma_t)^2; weight min(snr, gamma) / divisor).
+    pub fn min_snr_weights(
+        &mut self,
+        timesteps: TensorId,
+        alphas_cumprod: TensorId,
+        gamma: f32,
+        divisor: SnrDivisor,
+    ) -> Result<TensorId> {
+        let b = self.shape(timesteps).to_vec();
+        if b.len() != 1 || self.shape(alphas_cumprod).len() != 1 {
+            return Err(shape_err(
+                "min_snr_weights",
+                format!(
+                    "expected timesteps [B] and alphas_cumprod [T], got {b:?} and {:?}",
+                    self.shape(alphas_cumprod)
+                ),
+            ));
+        }
+        let op = Diffusion::MinSnrWeights { gamma, divisor };
+        Ok(self.add_node(op.into(), &[timesteps, alphas_cumprod], &[(b, DType::F32)])[0])
+    }
+}
+
 fn check_key(g: &Graph, key: TensorId, op: &str) -> Result<()> {
     if g.shape(key) != [4] || g.dtype(key) != DType::F32 {
         return Err(shape_err(
@@ -203,6 +242,7 @@ impl OpKernels for Diffusion {
             Diffusion::Noising { velocity: false } => "add_noise",
             Diffusion::Noising { velocity: true } => "get_velocity",
             Diffusion::DreamUpdate { .. } => "dream_update",
+            Diffusion::MinSnrWeights { .. } => "min_snr_weights",
         }
     }
 
@@ -252,6 +292,16 @@ impl OpKernels for Diffusion {
                     .u32(per_sample(e, i[0]))
                     .f32(detail)
                     .groups_1d(n, WG)
+            }
+            Diffusion::MinSnrWeights { gamma, divisor } => {
+                Kernel::new("diffusion", "min_snr_weights")
+                    .konst("DIVISOR", format!("{}u", divisor as u32))
+                    .bind("t", Slot::Value(i[0]))
+                    .bind("ac", Slot::Value(i[1]))
+                    .bind("w", Slot::Value(o[0]))
+                    .u32(n)
+                    .f32(gamma)
+                    .groups((n as u32).div_ceil(64).max(1), 1, 1)
             }
         };
         e.push(k);

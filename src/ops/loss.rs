@@ -9,6 +9,33 @@ pub struct MseLoss;
 
 impl Graph {
     pub fn mse_loss(&mut self, pred: TensorId, target: TensorId) -> Result<TensorId> {
+        self.mse_node(&[pred, target])
+    }
+
+    /// diffusers' Min-SNR loss: the mean over samples of `weights[b]` times
+    /// the sample's mean squared error (`weights` `[B]`, no gradient).
+    pub fn weighted_mse_loss(
+        &mut self,
+        pred: TensorId,
+        target: TensorId,
+        weights: TensorId,
+    ) -> Result<TensorId> {
+        let b = self.shape(pred).first().copied().unwrap_or(0);
+        if self.shape(weights) != [b] {
+            return Err(shape_err(
+                "mse_loss",
+                format!(
+                    "weights {:?} must be [{b}], one per sample of pred {:?}",
+                    self.shape(weights),
+                    self.shape(pred)
+                ),
+            ));
+        }
+        self.mse_node(&[pred, target, weights])
+    }
+
+    fn mse_node(&mut self, inputs: &[TensorId]) -> Result<TensorId> {
+        let (pred, target) = (inputs[0], inputs[1]);
         if self.shape(pred) != self.shape(target) {
             return Err(shape_err(
                 "mse_loss",
@@ -19,11 +46,22 @@ impl Graph {
                 ),
             ));
         }
-        Ok(self.add_node(
-            MseLoss.into(),
-            &[pred, target],
-            &[(vec![1], crate::DType::F32)],
-        )[0])
+        Ok(self.add_node(MseLoss.into(), inputs, &[(vec![1], crate::DType::F32)])[0])
+    }
+}
+
+/// The loss kernel with or without per-sample weights (input 2).
+fn mse_kernel(e: &Emit, entry: &'static str, i: &[TensorId]) -> Kernel {
+    let k = Kernel::new("loss", entry)
+        .bind("pred", Slot::Value(i[0]))
+        .bind("target", Slot::Value(i[1]));
+    match i.get(2) {
+        Some(&w) => k
+            .konst("WEIGHTED", true)
+            .bind("w", Slot::Value(w))
+            .u32(e.numel(i[0]))
+            .u32(e.numel(i[0]) / e.shape(w)[0].max(1)),
+        None => k.u32(e.numel(i[0])).u32(1),
     }
 }
 
@@ -33,13 +71,8 @@ impl OpKernels for MseLoss {
     }
 
     fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
-        e.push(
-            Kernel::new("loss", "mse_forward")
-                .bind("pred", Slot::Value(i[0]))
-                .bind("target", Slot::Value(i[1]))
-                .bind("loss", Slot::Value(o[0]))
-                .u32(e.numel(i[0])),
-        );
+        let k = mse_kernel(e, "mse_forward", i).bind("loss", Slot::Value(o[0]));
+        e.push(k);
         Ok(())
     }
 
@@ -47,20 +80,22 @@ impl OpKernels for MseLoss {
         let Some(dl) = e.grad_out(0) else {
             return Ok(());
         };
+        if i.len() > 2 && e.grad_in(2).is_some() {
+            return Err(shape_err(
+                "mse_loss",
+                "the loss weights cannot receive a gradient",
+            ));
+        }
         let n = e.numel(i[0]);
         for (k, sign) in [(0, 1.0), (1, -1.0)] {
             if let Some(dx) = e.grad_in(k) {
-                e.push(
-                    Kernel::new("loss", "mse_backward")
-                        .bind("pred", Slot::Value(i[0]))
-                        .bind("target", Slot::Value(i[1]))
-                        .bind("dloss", dl)
-                        .bind("dx", dx.slot)
-                        .u32(n)
-                        .f32(sign)
-                        .f32(dx.beta())
-                        .groups_1d(n, 256),
-                );
+                let kernel = mse_kernel(e, "mse_backward", i)
+                    .bind("dloss", dl)
+                    .bind("dx", dx.slot)
+                    .f32(sign)
+                    .f32(dx.beta())
+                    .groups_1d(n, 256);
+                e.push(kernel);
             }
         }
         Ok(())
@@ -91,6 +126,34 @@ mod tests {
                             .sum::<f64>()
                             / 999.0,
                     ]
+                },
+                dt,
+                false,
+            );
+        }
+    }
+
+    #[test]
+    fn weighted_mse_forward_and_backward() {
+        let weights = CaseInput {
+            grad: false,
+            ..CaseInput::act(&[3])
+        };
+        for dt in DType::ALL {
+            check_op(
+                "weighted_mse_3x2x37",
+                &[
+                    CaseInput::act(&[3, 2, 37]),
+                    CaseInput::act(&[3, 2, 37]),
+                    weights.clone(),
+                ],
+                &|g, x| g.weighted_mse_loss(x[0], x[1], x[2]),
+                &|x| {
+                    let per = 74;
+                    let s: f64 = (0..222)
+                        .map(|i| x[2][i / per] * (x[0][i] - x[1][i]).powi(2))
+                        .sum();
+                    vec![s / 222.0]
                 },
                 dt,
                 false,

@@ -85,6 +85,8 @@ pub struct TrainConfig {
     pub seed: Option<u64>,
     pub noise_offset: f32,
     pub proportion_empty_prompts: f32,
+    /// Min-SNR loss weighting (Hang et al. 2023) with this gamma; unset: off.
+    pub snr_gamma: Option<f32>,
     pub checkpointing_steps: u64,
     pub checkpoints_total_limit: Option<usize>,
     pub output_dir: PathBuf,
@@ -123,6 +125,7 @@ impl Default for TrainConfig {
             seed: None,
             noise_offset: 0.0,
             proportion_empty_prompts: 0.0,
+            snr_gamma: None,
             checkpointing_steps: 500,
             checkpoints_total_limit: None,
             output_dir: PathBuf::from("difftrain-output"),
@@ -329,6 +332,9 @@ impl Config {
                     t.ema_inv_gamma, t.ema_power
                 ),
             ));
+        }
+        if let Some(g) = t.snr_gamma.filter(|g| !(*g > 0.0 && g.is_finite())) {
+            return Err(err("train.snr_gamma", format!("must be > 0, got {g}")));
         }
         if !(0.0..=1.0).contains(&t.proportion_empty_prompts) {
             return Err(err(

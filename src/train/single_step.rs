@@ -79,6 +79,7 @@ pub fn step_options(
             .dream_training
             .then_some(config.train.dream_detail_preservation),
         noise_offset: config.train.noise_offset,
+        snr_gamma: config.train.snr_gamma,
         num_train_timesteps: schedule.num_train_timesteps,
         given_noise,
     })
@@ -86,7 +87,8 @@ pub fn step_options(
 
 /// Run one step of the UNet in `model_dir` (a `unet/` folder or a pipeline)
 /// on `inputs`. Returns `loss`, `noisy_latents`, `target`, `alphas_cumprod`,
-/// `grad_norm` and every updated parameter under its diffusers name.
+/// `grad_norm`, with Min-SNR `mse_loss_weights`, and every updated parameter
+/// under its diffusers name.
 pub fn single_step(
     gpu: &Gpu,
     model_dir: &Path,
@@ -133,7 +135,12 @@ pub fn single_step(
     };
     let step = TrainStep::build(&unet, shape, &opts)?;
     let spec = step.run_spec(adamw(config, config.train.learning_rate), false, false);
-    let (loss, xt, target) = (step.loss, step.noisy_latents, step.target);
+    let (loss, xt, target, loss_weights) = (
+        step.loss,
+        step.noisy_latents,
+        step.target,
+        step.loss_weights,
+    );
     let graph = Arc::new(step.graph);
     let mut s = Session::new(gpu, graph.clone(), spec)?;
     load_params(&s, &weights)?;
@@ -152,6 +159,9 @@ pub fn single_step(
     out.insert("loss", HostTensor::f32(&[], s.read_blocking(loss)?));
     out.insert("noisy_latents", read(xt)?);
     out.insert("target", read(target)?);
+    if let Some(w) = loss_weights {
+        out.insert("mse_loss_weights", read(w)?);
+    }
     let n = alphas_cumprod.len();
     out.insert("alphas_cumprod", HostTensor::f32(&[n], alphas_cumprod));
     let clip = s.read_state_blocking("adamw.clip")?;

@@ -10,7 +10,7 @@ use crate::dtype::DType;
 use crate::error::Result;
 use crate::graph::{AdamW, Graph, RunSpec, TensorId};
 use crate::models::UNet;
-use crate::ops::diffusion::stream;
+use crate::ops::diffusion::{stream, SnrDivisor};
 
 /// The shapes of one micro-batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +32,8 @@ pub struct StepOptions {
     /// DREAM's detail preservation p, when DREAM is on.
     pub dream: Option<f32>,
     pub noise_offset: f32,
+    /// Min-SNR weighting of the loss with this gamma.
+    pub snr_gamma: Option<f32>,
     pub num_train_timesteps: usize,
     /// Noise and timesteps are inputs (`difftrain step`) instead of drawn
     /// from the generator.
@@ -57,6 +59,8 @@ pub struct TrainStep {
     /// The UNet's input and regression target after DREAM.
     pub noisy_latents: TensorId,
     pub target: TensorId,
+    /// Min-SNR weights `[B]`, when on.
+    pub loss_weights: Option<TensorId>,
     pub loss: TensorId,
 }
 
@@ -112,9 +116,24 @@ impl TrainStep {
                 detail,
             )?;
         }
-        // 8-9. pred = model(xt, t, cond); loss = mse(pred, target).
+        // 8-9. pred = model(xt, t, cond); loss = mse(pred, target), with
+        // Min-SNR each sample's error weighted by min(snr, gamma) / divisor.
         let pred = unet.forward(&mut g, xt, timesteps, context)?;
-        let loss = g.mse_loss(pred, target)?;
+        let loss_weights = match opts.snr_gamma {
+            Some(gamma) => {
+                let divisor = match opts.prediction {
+                    PredictionType::Epsilon => SnrDivisor::Snr,
+                    PredictionType::VPrediction => SnrDivisor::SnrPlusOne,
+                    PredictionType::Sample => SnrDivisor::One,
+                };
+                Some(g.min_snr_weights(timesteps, alphas_cumprod, gamma, divisor)?)
+            }
+            None => None,
+        };
+        let loss = match loss_weights {
+            Some(w) => g.weighted_mse_loss(pred, target, w)?,
+            None => g.mse_loss(pred, target)?,
+        };
         Ok(TrainStep {
             graph: g,
             latents,
@@ -126,6 +145,7 @@ impl TrainStep {
             loss_grad,
             noisy_latents: xt,
             target,
+            loss_weights,
             loss,
         })
     }
@@ -134,8 +154,10 @@ impl TrainStep {
     /// with `ema`, the EMA update. With `accumulate`, parameter gradients
     /// add up over micro-steps.
     pub fn run_spec(&self, optimizer: AdamW, accumulate: bool, ema: bool) -> RunSpec {
+        let mut outputs = vec![self.loss, self.noisy_latents, self.target, self.timesteps];
+        outputs.extend(self.loss_weights);
         RunSpec {
-            outputs: vec![self.loss, self.noisy_latents, self.target, self.timesteps],
+            outputs,
             seeds: vec![(self.loss, self.loss_grad)],
             optimizer: Some(optimizer),
             accumulate_grads: accumulate,
