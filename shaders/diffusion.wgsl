@@ -178,3 +178,47 @@ fn min_snr_weights(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (DIVISOR == 2u) { w = w / (snr + 1.0); }
     w_store(b, w);
 }
+
+//@ entry scheduler_step
+//@ tensors x:read out:read coef:read key:read x_prev:write
+//@ use rng
+// One denoising step of DDIM or DDPM (diffusers' DDIMScheduler.step,
+// DDPMScheduler.step) for x [N, ..] from the UNet's output: with GUIDED, out
+// is [2N, ..] = [unconditional; conditional] and the prediction is
+// u + guidance (c - u) (classifier-free guidance). From the prediction, by
+// PREDICTION (0 epsilon, 1 v_prediction, 2 sample), the clean estimate x0
+// (clamped to +-clip when clip > 0) and the noise estimate eps, then
+//   x_prev = c_x0 x0 + c_eps eps + c_x x + c_noise z,  z ~ N(0, 1).
+// coef = [sqrt(a_t), sqrt(1 - a_t), c_x0, c_eps, c_x, c_noise, guidance, clip]
+// is written by the host for each step.
+//@ const GUIDED = false
+//@ const PREDICTION = 0u
+struct Params { n: u32, stream: u32 }
+@compute @workgroup_size(WG)
+fn scheduler_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_id(gid, nwg, WG);
+    if (i >= p.n) { return; }
+    let sa = coef_load(0u);
+    let sb = coef_load(1u);
+    let x = x_load(i);
+    var m = out_load(i);
+    if (GUIDED) { m = m + coef_load(6u) * (out_load(i + p.n) - m); }
+    var x0: f32;
+    var eps: f32;
+    if (PREDICTION == 0u) {
+        eps = m;
+        x0 = (x - sb * m) / sa;
+    } else if (PREDICTION == 1u) {
+        x0 = sa * x - sb * m;
+        eps = sa * m + sb * x;
+    } else {
+        x0 = m;
+        eps = (x - sa * m) / sb;
+    }
+    let clip = coef_load(7u);
+    if (clip > 0.0) { x0 = clamp(x0, -clip, clip); }
+    var v = coef_load(2u) * x0 + coef_load(3u) * eps + coef_load(4u) * x;
+    let c_noise = coef_load(5u);
+    if (c_noise != 0.0) { v += c_noise * normals(i / 4u, p.stream)[i % 4u]; }
+    x_prev_store(i, v);
+}

@@ -19,6 +19,8 @@ pub mod models;
 pub mod nn;
 pub mod ops;
 #[cfg(not(target_arch = "wasm32"))]
+pub mod sample;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod train;
 
 pub use dtype::DType;

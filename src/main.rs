@@ -50,6 +50,9 @@ enum Command {
     },
     /// Write a freshly initialized model folder (diffusers layout) from a config.json.
     Init(cli::init::InitArgs),
+    /// Generate images from prompts with a pipeline folder (DDIM or DDPM, classifier-free
+    /// guidance), as a PNG grid or safetensors.
+    Sample(cli::sample::SampleArgs),
     /// One exact training step on given tensors (latents, noise, timesteps, text states),
     /// to check against a PyTorch step.
     Step(cli::step::StepArgs),
@@ -131,6 +134,7 @@ fn main() -> Result<()> {
         Command::Forward { what } => cli::forward::run(&Gpu::new_blocking(&choice)?, what),
         Command::Init(args) => cli::init::run(args),
         Command::Train(args) => cli::train::run(&Gpu::new_blocking(&choice)?, args),
+        Command::Sample(args) => cli::sample::run(&Gpu::new_blocking(&choice)?, args),
         Command::Step(args) => cli::step::run(&Gpu::new_blocking(&choice)?, args),
     }
 }

@@ -323,3 +323,59 @@ fn step_writes_the_contracts_outputs() {
     }
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+#[test]
+fn sample_writes_a_png_grid_and_safetensors() {
+    let dir = temp_dir("sample");
+    let model = fixture("current_versions");
+    let png = dir.join("grid.png");
+    let (ok, _, err) = difftrain(&[
+        "sample",
+        "--model",
+        &model,
+        "--prompt",
+        "a red circle",
+        "--prompt",
+        "a blue square",
+        "--num-images",
+        "3",
+        "--steps",
+        "4",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok, "sample failed: {err}");
+    let img = image::open(&png).unwrap();
+    assert_eq!(
+        (img.width(), img.height()),
+        (3 * 16, 2 * 16),
+        "3 columns, 2 rows of 16x16"
+    );
+
+    let st = dir.join("out.safetensors");
+    let (ok, _, err) = difftrain(&[
+        "sample",
+        "--model",
+        &model,
+        "--prompt",
+        "a red circle",
+        "--scheduler",
+        "ddpm",
+        "--steps",
+        "3",
+        "--out",
+        st.to_str().unwrap(),
+    ]);
+    assert!(ok, "sample failed: {err}");
+    let t = difftrain::io::TensorFile::read(&st).unwrap();
+    assert_eq!(t.get("latents").unwrap().shape, [1, 4, 8, 8]);
+    let images = t.get("images").unwrap();
+    assert_eq!(images.shape, [1, 3, 16, 16]);
+    assert!(images.values.iter().all(|v| (0.0..=1.0).contains(v)));
+
+    let (ok, _, err) = difftrain(&[
+        "sample", "--model", &model, "--prompt", "x", "--out", "x.jpg",
+    ]);
+    assert!(!ok && err.contains(".png or .safetensors"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

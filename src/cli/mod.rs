@@ -4,6 +4,7 @@ pub mod bench;
 pub mod forward;
 pub mod info;
 pub mod init;
+pub mod sample;
 pub mod step;
 pub mod train;
 

@@ -17,6 +17,8 @@ pub mod stream {
     pub const NOISE: u32 = 2;
     /// The VAE's latent sample (`latent_dist.sample()`).
     pub const LATENT: u32 = 4;
+    /// The noise of stochastic sampling steps (DDPM, DDIM with eta > 0).
+    pub const SAMPLING: u32 = 5;
 }
 
 /// The 4 words of a random key, [seed lo, seed hi, counter lo, counter hi],
@@ -43,6 +45,9 @@ pub enum Diffusion {
     DreamUpdate { v_prediction: bool, detail: f32 },
     /// Min-SNR loss weights per sample: min(snr_t, gamma) / divisor.
     MinSnrWeights { gamma: f32, divisor: SnrDivisor },
+    /// One DDIM / DDPM denoising step with optional classifier-free
+    /// guidance; `prediction` 0 epsilon, 1 v_prediction, 2 sample.
+    SchedulerStep { guided: bool, prediction: u32 },
 }
 
 /// What the Min-SNR weight min(snr, gamma) is divided by, by prediction
@@ -168,6 +173,39 @@ impl Graph {
 }
 
 impl Graph {
+    /// One denoising step: x `[N, ..]`, the UNet's output `out` (`[2N, ..]`
+    /// = [unconditional; conditional] when `guided`), per-step coefficients
+    /// `coef` `[8]` (see `shaders/diffusion.wgsl`), the random key for the
+    /// step's noise -> x_prev.
+    pub fn scheduler_step(
+        &mut self,
+        x: TensorId,
+        out: TensorId,
+        coef: TensorId,
+        key: TensorId,
+        guided: bool,
+        prediction: u32,
+    ) -> Result<TensorId> {
+        check_key(self, key, "scheduler_step")?;
+        let (xs, os) = (self.shape(x).to_vec(), self.shape(out).to_vec());
+        let mut want = xs.clone();
+        if guided && !want.is_empty() {
+            want[0] *= 2;
+        }
+        if os != want || self.shape(coef) != [8] {
+            return Err(shape_err(
+                "scheduler_step",
+                format!(
+                    "x {xs:?} needs out {want:?} and coef [8], got {os:?} and {:?}",
+                    self.shape(coef)
+                ),
+            ));
+        }
+        let op = Diffusion::SchedulerStep { guided, prediction };
+        let d = self.dtype(x);
+        Ok(self.add_node(op.into(), &[x, out, coef, key], &[(xs, d)])[0])
+    }
+
     /// Min-SNR loss weights `[B]` for `timesteps` (diffusers' `compute_snr`:
     /// snr = (alpha_t / sigma_t)^2; weight min(snr, gamma) / divisor).
     pub fn min_snr_weights(
@@ -243,6 +281,7 @@ impl OpKernels for Diffusion {
             Diffusion::Noising { velocity: true } => "get_velocity",
             Diffusion::DreamUpdate { .. } => "dream_update",
             Diffusion::MinSnrWeights { .. } => "min_snr_weights",
+            Diffusion::SchedulerStep { .. } => "scheduler_step",
         }
     }
 
@@ -302,6 +341,18 @@ impl OpKernels for Diffusion {
                     .u32(n)
                     .f32(gamma)
                     .groups((n as u32).div_ceil(64).max(1), 1, 1)
+            }
+            Diffusion::SchedulerStep { guided, prediction } => {
+                let mut k = Kernel::new("diffusion", "scheduler_step")
+                    .konst("GUIDED", guided)
+                    .konst("PREDICTION", format!("{prediction}u"));
+                for (name, &t) in ["x", "out", "coef", "key"].iter().zip(i) {
+                    k = k.bind(name, Slot::Value(t));
+                }
+                k.bind("x_prev", Slot::Value(o[0]))
+                    .u32(n)
+                    .u32(stream::SAMPLING as usize)
+                    .groups_1d(n, WG)
             }
         };
         e.push(k);
