@@ -8,6 +8,7 @@ pub mod config;
 pub mod data;
 pub mod ema;
 pub mod lr;
+pub mod plot;
 pub mod scheduler;
 pub mod single_step;
 pub mod step;

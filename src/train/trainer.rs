@@ -26,14 +26,14 @@ use crate::ops::diffusion::{rng_key, stream};
 use crate::ops::optim::EMA_ONE_MINUS_DECAY;
 use crate::Gpu;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 /// One optimizer step's figures (a line of `train_log.jsonl`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepLog {
     pub step: u64,
     pub epoch: u64,
@@ -411,8 +411,10 @@ pub fn train(
                 t.checkpoints_total_limit,
             )?;
             on_event(Event::Checkpoint(&dir));
+            log.plot()?;
         }
     }
+    log.plot()?;
     if interrupted {
         on_event(Event::Note("stopped on request".into()));
     } else {
@@ -531,24 +533,28 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// `OUTPUT_DIR/train_log.jsonl`: one JSON object per optimizer step. A
-/// resumed run first drops the lines of steps after its checkpoint.
+/// resumed run first drops the lines of steps after its checkpoint. The
+/// loss plot `OUTPUT_DIR/loss.png` is drawn from it at each checkpoint and
+/// at the end.
 struct TrainLog {
     file: std::fs::File,
     path: PathBuf,
+    /// Every step logged so far (for the plot).
+    entries: Vec<StepLog>,
 }
 
 impl TrainLog {
     fn open(out_dir: &Path, first_step: u64) -> Result<TrainLog> {
         let path = out_dir.join("train_log.jsonl");
-        let kept: String = std::fs::read_to_string(&path)
+        let entries: Vec<StepLog> = std::fs::read_to_string(&path)
             .unwrap_or_default()
             .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v.get("step")?.as_u64())
-                    .is_some_and(|s| s <= first_step)
-            })
+            .filter_map(|l| serde_json::from_str::<StepLog>(l).ok())
+            .filter(|e| e.step <= first_step)
+            .collect();
+        let kept: String = entries
+            .iter()
+            .filter_map(|e| serde_json::to_string(e).ok())
             .map(|l| format!("{l}\n"))
             .collect();
         std::fs::write(&path, kept).map_err(|e| file_err(&path, e.to_string()))?;
@@ -556,12 +562,22 @@ impl TrainLog {
             .append(true)
             .open(&path)
             .map_err(|e| file_err(&path, e.to_string()))?;
-        Ok(TrainLog { file, path })
+        Ok(TrainLog {
+            file,
+            path,
+            entries,
+        })
+    }
+
+    /// `loss.png` beside the log.
+    fn plot(&self) -> Result<()> {
+        super::plot::write_loss_plot(&self.path.with_file_name("loss.png"), &self.entries)
     }
 
     fn append(&mut self, entry: &StepLog) -> Result<()> {
         use std::io::Write;
         let line = serde_json::to_string(entry).map_err(|e| file_err(&self.path, e.to_string()))?;
+        self.entries.push(entry.clone());
         writeln!(self.file, "{line}").map_err(|e| file_err(&self.path, e.to_string()))
     }
 }

@@ -1,0 +1,135 @@
+//! `OUTPUT_DIR/loss.png`: the training loss (raw and smoothed) and the
+//! learning rate over the optimizer steps, drawn with plotters.
+
+use super::trainer::StepLog;
+use crate::error::{file_err, Result};
+use plotters::prelude::*;
+use std::path::Path;
+use std::sync::Once;
+
+/// DejaVu Sans cut to ASCII (src/train/fonts/README.md): plotters draws
+/// text into bitmaps with a font it is given, not the system's.
+const FONT: &[u8] = include_bytes!("fonts/DejaVuSans-ascii.ttf");
+
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The font is a fixed, valid file: registering it cannot fail.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+/// Exponential moving average with bias correction (TensorBoard's
+/// smoothing): how the loss trends through its step-to-step noise.
+pub fn smooth(values: &[f32], weight: f64) -> Vec<f32> {
+    let mut avg = 0.0;
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            avg = weight * avg + (1.0 - weight) * v as f64;
+            (avg / (1.0 - weight.powi(i as i32 + 1))) as f32
+        })
+        .collect()
+}
+
+/// Draw `log` (one entry per optimizer step) into `path`.
+pub fn write_loss_plot(path: &Path, log: &[StepLog]) -> Result<()> {
+    register_font();
+    let err = |e: String| file_err(path, format!("drawing the loss plot: {e}"));
+    let steps: Vec<f32> = log.iter().map(|l| l.step as f32).collect();
+    let loss: Vec<f32> = log.iter().map(|l| l.loss).collect();
+    let smoothed = smooth(&loss, 0.9);
+    let lr: Vec<f32> = log.iter().map(|l| l.lr).collect();
+    let x_max = steps.last().copied().unwrap_or(1.0).max(1.0);
+    let fmax = |v: &[f32]| v.iter().copied().fold(f32::MIN_POSITIVE, f32::max);
+
+    let root = BitMapBackend::new(path, (900, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let (top, bottom) = root.split_vertically(400);
+    let mut chart = ChartBuilder::on(&top)
+        .caption("training loss", ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(32)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f32..x_max, 0f32..fmax(&loss) * 1.05)
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("loss")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    let raw = RGBColor(150, 180, 230);
+    chart
+        .draw_series(LineSeries::new(
+            steps.iter().copied().zip(loss.iter().copied()),
+            &raw,
+        ))
+        .map_err(|e| err(e.to_string()))?
+        .label("loss")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], raw));
+    chart
+        .draw_series(LineSeries::new(
+            steps.iter().copied().zip(smoothed.iter().copied()),
+            BLUE.stroke_width(2),
+        ))
+        .map_err(|e| err(e.to_string()))?
+        .label("smoothed (EMA 0.9)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+
+    let mut chart = ChartBuilder::on(&bottom)
+        .margin(12)
+        .x_label_area_size(32)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f32..x_max, 0f32..fmax(&lr) * 1.1)
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("learning rate")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.1e}"))
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .draw_series(LineSeries::new(
+            steps.iter().copied().zip(lr.iter().copied()),
+            RED.stroke_width(2),
+        ))
+        .map_err(|e| err(e.to_string()))?;
+    root.present().map_err(|e| err(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smoothing_is_debiased_and_plot_is_written() {
+        assert_eq!(smooth(&[2.0, 2.0, 2.0], 0.9), [2.0, 2.0, 2.0]);
+        let log: Vec<StepLog> = (1..=50)
+            .map(|s| StepLog {
+                step: s,
+                epoch: 0,
+                loss: 1.0 / s as f32,
+                lr: 1e-4,
+                grad_norm: 1.0,
+                images_per_s: 1.0,
+                elapsed_s: s as f64,
+            })
+            .collect();
+        let path = std::env::temp_dir().join(format!("difftrain-plot-{}.png", std::process::id()));
+        write_loss_plot(&path, &log).unwrap();
+        let img = image::open(&path).unwrap();
+        assert_eq!((img.width(), img.height()), (900, 600));
+        let _ = std::fs::remove_file(&path);
+    }
+}
