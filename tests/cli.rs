@@ -279,6 +279,10 @@ fn train_runs_the_builtin_default_and_prints_no_xdg_noise() {
     }
     let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 3);
+    // The preset's validation grid at the last step, 4 prompts x 4 images of 32x32.
+    let grid = image::open(out.join("samples/step-3.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (4 * 32, 4 * 32));
+    assert!(out.join("samples/step-3.txt").is_file() && out.join("loss.png").is_file());
     assert!(out
         .join("unet/diffusion_pytorch_model.safetensors")
         .is_file());

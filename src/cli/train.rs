@@ -96,6 +96,7 @@ pub fn run(gpu: &Gpu, a: TrainArgs) -> Result<()> {
         }
         Event::Skipped(path, why) => say(format!("skipped {}: {why}", path.display())),
         Event::Checkpoint(dir) => say(format!("checkpoint: {}", dir.display())),
+        Event::Validation(png) => say(format!("validation samples: {}", png.display())),
         Event::Note(n) => say(n),
     };
     let summary = train(gpu, &config, &stop, &mut on_event)?;

@@ -64,12 +64,15 @@ pub fn pipeline_sampler(p: &PipelineDir, kind: SamplerKind) -> Result<Sampler> {
     )
 }
 
-/// Sample from the pipeline in `p` with `sampler`.
+/// Sample from the pipeline in `p` with `sampler`; the UNet's weights
+/// from `unet_dir` when given (validation during training), else the
+/// pipeline's `unet/`.
 pub fn sample(
     gpu: &Gpu,
     p: &PipelineDir,
     sampler: &Sampler,
     req: &SampleRequest,
+    unet_dir: Option<&std::path::Path>,
 ) -> Result<Samples> {
     let timesteps = sampler.timesteps(req.steps)?;
     let n = req.prompts.len() * req.num_images;
@@ -141,7 +144,7 @@ pub fn sample(
     let x_prev = g.scheduler_step(x, out, coef, key, guided, prediction)?;
     let mut unet = no_grad(gpu, g, vec![x_prev, x])?;
     let wf = WeightFile::read(&weights_path(
-        &p.root.join("unet"),
+        unet_dir.unwrap_or(&p.root.join("unet")),
         "diffusion_pytorch_model",
     )?)?;
     load_params(&unet, &wf)?;

@@ -21,6 +21,44 @@ pub struct Config {
     pub train: TrainConfig,
     pub data: DataOptions,
     pub scheduler: SchedulerOverrides,
+    pub sample: ValidationConfig,
+}
+
+/// `[sample]`: validation images during training.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationConfig {
+    /// Prompts of the validation grid (a row each); empty: no validation.
+    pub validation_prompts: Vec<String>,
+    /// A grid every this many optimizer steps, and at the end.
+    pub validation_steps: u64,
+    pub num_inference_steps: usize,
+    pub guidance_scale: f32,
+    /// `"ddim"` or `"ddpm"`.
+    pub scheduler: ValidationScheduler,
+    /// Images per prompt (grid columns).
+    pub num_validation_images: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValidationScheduler {
+    #[default]
+    Ddim,
+    Ddpm,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        ValidationConfig {
+            validation_prompts: Vec::new(),
+            validation_steps: 500,
+            num_inference_steps: 30,
+            guidance_scale: 7.5,
+            scheduler: ValidationScheduler::Ddim,
+            num_validation_images: 4,
+        }
+    }
 }
 
 /// What `prediction_type = "sample"` regresses to. The spec writes
@@ -352,6 +390,16 @@ impl Config {
             ("data.resolution", self.data.resolution as u64),
         ] {
             if v == 0 {
+                return Err(err(k, "must be at least 1".into()));
+            }
+        }
+        let v = &self.sample;
+        for (k, n) in [
+            ("sample.validation_steps", v.validation_steps as usize),
+            ("sample.num_inference_steps", v.num_inference_steps),
+            ("sample.num_validation_images", v.num_validation_images),
+        ] {
+            if n == 0 {
                 return Err(err(k, "must be at least 1".into()));
             }
         }

@@ -10,7 +10,7 @@
 //! caller shows (progress bar, page) comes through [`Event`]s.
 
 use super::checkpoint::{self, TrainerState};
-use super::config::Config;
+use super::config::{Config, ValidationScheduler};
 use super::data::{batches_per_epoch, Dataset, Loader, Position};
 use super::single_step::{adamw, noise_schedule, step_options};
 use super::step::{StepShape, TrainStep};
@@ -24,6 +24,8 @@ use crate::models::weights::{init_params, load_params, weights_path};
 use crate::models::{PipelineDir, UNet};
 use crate::ops::diffusion::{rng_key, stream};
 use crate::ops::optim::EMA_ONE_MINUS_DECAY;
+use crate::sample::schedule::SamplerKind;
+use crate::sample::{pipeline_sampler, sample, write_grid, SampleRequest};
 use crate::Gpu;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -60,6 +62,8 @@ pub enum Event<'a> {
     /// An image that could not be read, skipped.
     Skipped(&'a Path, &'a str),
     Checkpoint(&'a Path),
+    /// A validation grid written.
+    Validation(&'a Path),
     /// Anything else worth a line (resume, stop request).
     Note(String),
 }
@@ -413,6 +417,14 @@ pub fn train(
             on_event(Event::Checkpoint(&dir));
             log.plot()?;
         }
+        let v = &config.sample;
+        let last = state.global_step == total;
+        if !v.validation_prompts.is_empty()
+            && (state.global_step.is_multiple_of(v.validation_steps) || last)
+        {
+            let path = validate(gpu, config, &pipeline, &s, &unet, state.global_step)?;
+            on_event(Event::Validation(&path));
+        }
     }
     log.plot()?;
     if interrupted {
@@ -430,6 +442,50 @@ pub fn train(
         output_dir: out_dir,
         interrupted,
     })
+}
+
+/// `OUTPUT_DIR/samples/step-STEP.png`: a grid of the `[sample]` prompts
+/// (a row each) sampled with the current weights (the EMA's when it is on),
+/// and `step-STEP.txt` listing the prompts.
+fn validate(
+    gpu: &Gpu,
+    config: &Config,
+    pipeline: &PipelineDir,
+    s: &Session,
+    unet: &UNet,
+    step: u64,
+) -> Result<PathBuf> {
+    let v = &config.sample;
+    let dir = config.train.output_dir.join("samples");
+    let weights = config.train.output_dir.join(".validation-unet");
+    for d in [&dir, &weights] {
+        std::fs::create_dir_all(d).map_err(|e| file_err(d, e.to_string()))?;
+    }
+    checkpoint::write_unet(&weights, s, unet, config.train.use_ema)?;
+    let kind = match v.scheduler {
+        ValidationScheduler::Ddim => SamplerKind::Ddim,
+        ValidationScheduler::Ddpm => SamplerKind::Ddpm,
+    };
+    let sampler = pipeline_sampler(pipeline, kind)?;
+    let req = SampleRequest {
+        prompts: v.validation_prompts.clone(),
+        negative_prompt: String::new(),
+        steps: v.num_inference_steps,
+        guidance_scale: v.guidance_scale,
+        eta: 0.0,
+        seed: config.train.seed.unwrap_or(0),
+        num_images: v.num_validation_images,
+        height: config.data.resolution,
+        width: config.data.resolution,
+        latents: None,
+    };
+    let out = sample(gpu, pipeline, &sampler, &req, Some(&weights))?;
+    let png = dir.join(format!("step-{step}.png"));
+    write_grid(&out.images, v.num_validation_images, &png)?;
+    let txt = dir.join(format!("step-{step}.txt"));
+    std::fs::write(&txt, v.validation_prompts.join("\n") + "\n")
+        .map_err(|e| file_err(&txt, e.to_string()))?;
+    Ok(png)
 }
 
 /// The checkpoint `train.resume_from` names: a folder, `"latest"` (the
