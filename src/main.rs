@@ -50,6 +50,9 @@ enum Command {
     },
     /// Write a freshly initialized model folder (diffusers layout) from a config.json.
     Init(cli::init::InitArgs),
+    /// Fit an AutoencoderKL (reconstruction MSE + a small KL term) on a dataset, e.g. the
+    /// built-in demo's VAE.
+    TrainVae(cli::train_vae::TrainVaeArgs),
     /// Generate images from prompts with a pipeline folder (DDIM or DDPM, classifier-free
     /// guidance), as a PNG grid or safetensors.
     Sample(cli::sample::SampleArgs),
@@ -134,6 +137,7 @@ fn main() -> Result<()> {
         Command::Forward { what } => cli::forward::run(&Gpu::new_blocking(&choice)?, what),
         Command::Init(args) => cli::init::run(args),
         Command::Train(args) => cli::train::run(&Gpu::new_blocking(&choice)?, args),
+        Command::TrainVae(args) => cli::train_vae::run(&Gpu::new_blocking(&choice)?, args),
         Command::Sample(args) => cli::sample::run(&Gpu::new_blocking(&choice)?, args),
         Command::Step(args) => cli::step::run(&Gpu::new_blocking(&choice)?, args),
     }

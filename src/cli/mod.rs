@@ -7,6 +7,7 @@ pub mod init;
 pub mod sample;
 pub mod step;
 pub mod train;
+pub mod train_vae;
 
 /// Peak resident memory of this process in bytes (Linux; None elsewhere).
 /// On a CPU adapter (lavapipe) GPU buffers live here too.

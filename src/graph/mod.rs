@@ -85,6 +85,8 @@ pub struct Graph {
     scopes: Vec<String>,
     /// Whether [`Graph::module_param`] makes trainable parameters.
     frozen: bool,
+    /// [`Graph::frozen`] freezes nothing (see [`Graph::train_all_modules`]).
+    train_all: bool,
 }
 
 impl Graph {
@@ -170,10 +172,16 @@ impl Graph {
     /// Run `f` with the module parameters it creates frozen (encoders that
     /// are never trained).
     pub fn frozen<R>(&mut self, f: impl FnOnce(&mut Graph) -> R) -> R {
-        let was = std::mem::replace(&mut self.frozen, true);
+        let was = std::mem::replace(&mut self.frozen, !self.train_all);
         let r = f(self);
         self.frozen = was;
         r
+    }
+
+    /// Make the parameters of modules that are frozen elsewhere trainable
+    /// in this graph (fitting the VAE itself, `difftrain train-vae`).
+    pub fn train_all_modules(&mut self) {
+        self.train_all = true;
     }
 
     /// A parameter that is never trained (frozen encoders).

@@ -3,6 +3,12 @@
 //! `src/train/builtin/` and fixed seeds, and the preset options
 //! (`builtin/train.toml`) that train its UNet on the built-in procedural
 //! dataset (`data.rs`) in a few minutes on a CPU.
+//!
+//! The VAE is not random (a random one decodes to noise): it was fitted to
+//! the built-in dataset by difftrain itself and its weights are committed
+//! (`builtin/vae/`), made with
+//! `difftrain train-vae --config src/train/builtin/vae.json --out src/train/builtin/vae --steps 800 --fp16`
+//! (the config there carries the measured `scaling_factor`).
 
 use crate::error::{file_err, Result};
 use crate::models::init::{init_model, Component};
@@ -20,7 +26,7 @@ const FILES: &[(&str, &str)] = &[
         "text_encoder/config.json",
         include_str!("builtin/text_encoder.json"),
     ),
-    ("vae/config.json", include_str!("builtin/vae.json")),
+    ("vae/config.json", include_str!("builtin/vae/config.json")),
     (
         "scheduler/scheduler_config.json",
         include_str!("builtin/scheduler_config.json"),
@@ -45,11 +51,16 @@ const FILES: &[(&str, &str)] = &[
     ),
 ];
 
-/// Initialization seeds of the three models.
-const SEEDS: [(Component, &str, u64); 3] = [
+/// The fitted VAE's weights.
+const VAE_WEIGHTS: (&str, &[u8]) = (
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+    include_bytes!("builtin/vae/diffusion_pytorch_model.fp16.safetensors"),
+);
+
+/// Initialization seeds of the models trained from scratch.
+const SEEDS: [(Component, &str, u64); 2] = [
     (Component::Unet, "unet", 0),
     (Component::TextEncoder, "text_encoder", 1),
-    (Component::Vae, "vae", 2),
 ];
 
 /// The folder holding the built-in pipeline: under the system's temporary
@@ -57,8 +68,9 @@ const SEEDS: [(Component, &str, u64); 3] = [
 /// one. Built on first use; rebuilding gives identical files.
 pub fn pipeline_dir() -> Result<PathBuf> {
     let mut hash = 0xcbf2_9ce4_8422_2325u64; // FNV-1a
-    for (path, text) in FILES {
-        for b in path.bytes().chain(text.bytes()) {
+    let files = FILES.iter().map(|(p, t)| (*p, t.as_bytes()));
+    for (path, bytes) in files.chain([VAE_WEIGHTS]) {
+        for &b in path.as_bytes().iter().chain(bytes) {
             hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
         }
     }
@@ -74,10 +86,11 @@ pub fn pipeline_dir() -> Result<PathBuf> {
 pub fn write_pipeline(dir: &Path) -> Result<()> {
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     let io = |p: &Path, e: std::io::Error| file_err(p, e.to_string());
-    for (path, text) in FILES {
+    let files = FILES.iter().map(|(p, t)| (*p, t.as_bytes()));
+    for (path, bytes) in files.chain([VAE_WEIGHTS]) {
         let p = tmp.join(path);
         std::fs::create_dir_all(p.parent().expect("a file in a folder")).map_err(|e| io(&p, e))?;
-        std::fs::write(&p, text).map_err(|e| io(&p, e))?;
+        std::fs::write(&p, bytes).map_err(|e| io(&p, e))?;
     }
     for (component, name, seed) in SEEDS {
         let folder = tmp.join(name);

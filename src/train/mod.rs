@@ -13,3 +13,4 @@ pub mod scheduler;
 pub mod single_step;
 pub mod step;
 pub mod trainer;
+pub mod vae_fit;
