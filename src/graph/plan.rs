@@ -61,6 +61,16 @@ pub struct RunSpec {
     pub ema: bool,
 }
 
+impl RunSpec {
+    /// A forward pass that keeps `outputs` readable and no activations.
+    pub fn no_grad(outputs: Vec<TensorId>) -> RunSpec {
+        RunSpec {
+            outputs,
+            ..Default::default()
+        }
+    }
+}
+
 /// One planned allocation (a tensor's values or gradient, scratch, state).
 #[derive(Clone, Debug)]
 pub struct StorageDesc {

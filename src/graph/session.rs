@@ -216,8 +216,12 @@ impl Session {
                 msg: "its memory is reused within a step; list it in RunSpec outputs/grads to read it".into(),
             });
         }
-        let bytes = (s.numel * s.dtype.size_bytes()) as u64;
-        let raw = read_buffer(&self.gpu, buf, bytes).await?;
+        self.read_storage(buf, s).await
+    }
+
+    /// A persistent storage's values as f32.
+    async fn read_storage(&self, buf: &wgpu::Buffer, s: &StorageDesc) -> Result<Vec<f32>> {
+        let raw = read_buffer(&self.gpu, buf, (s.numel * s.dtype.size_bytes()) as u64).await?;
         Ok(s.dtype.decode(&raw, s.numel))
     }
 
@@ -247,7 +251,7 @@ impl Session {
 
     /// The persistent storage labelled `label` (optimizer state: `adamw.m.NAME`,
     /// `adamw.v.NAME`, `adamw.clip`; EMA shadows `ema.NAME`).
-    fn state(&self, label: &str) -> Result<&super::plan::StorageDesc> {
+    fn state(&self, label: &str) -> Result<&StorageDesc> {
         self.plan
             .storages
             .iter()
@@ -273,13 +277,7 @@ impl Session {
     /// Read a persistent state storage (e.g. an AdamW moment) as f32.
     pub async fn read_state(&self, label: &str) -> Result<Vec<f32>> {
         let s = self.state(label)?;
-        let raw = read_buffer(
-            &self.gpu,
-            &self.buffers[s.buffer],
-            (s.numel * s.dtype.size_bytes()) as u64,
-        )
-        .await?;
-        Ok(s.dtype.decode(&raw, s.numel))
+        self.read_storage(&self.buffers[s.buffer], s).await
     }
 
     #[cfg(not(target_arch = "wasm32"))]
@@ -329,17 +327,18 @@ impl Session {
 
     /// Encode every dispatch of the schedule into one pass and submit once.
     pub fn step(&mut self) -> Result<()> {
-        let mut enc = self.gpu.encoder("step");
-        self.record_step(&mut enc, true)?;
-        self.gpu.queue.submit([enc.finish()]);
-        Ok(())
+        self.submit_step(true)
     }
 
     /// A step without the optimizer: with `RunSpec::accumulate_grads`, the
     /// parameter gradients add up until the next [`Session::step`].
     pub fn step_accumulate(&mut self) -> Result<()> {
+        self.submit_step(false)
+    }
+
+    fn submit_step(&mut self, optimizer: bool) -> Result<()> {
         let mut enc = self.gpu.encoder("step");
-        self.record_step(&mut enc, false)?;
+        self.record_step(&mut enc, optimizer)?;
         self.gpu.queue.submit([enc.finish()]);
         Ok(())
     }

@@ -4,10 +4,11 @@
 //! return the outputs under the names of the CLI contract, with the time and
 //! buffer memory the run took.
 
-use super::clip::{upgrade_unprefixed_names, ClipTextModel};
+use super::clip::ClipTextModel;
+use super::init::Component;
 use super::unet::UNet;
-use super::vae::{upgrade_legacy_names, Vae};
-use super::weights::{load_params, warn_unused, weights_path};
+use super::vae::Vae;
+use super::weights::{load_params, read_component_weights, warn_unused};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Plan, RunSpec, Session, TensorId};
@@ -175,7 +176,7 @@ pub fn unet_forward(
     backward: bool,
 ) -> Result<Outputs> {
     let unet = UNet::from_config_file(&model_dir.join("config.json"))?;
-    let weights = WeightFile::read(&weights_path(model_dir, "diffusion_pytorch_model")?)?;
+    let weights = read_component_weights(model_dir, Component::Unet)?;
     let cfg = &unet.config;
     let cross = unet.layout.down[0].cross_attention_dim;
     let sample = inputs.get_shaped("sample", &[None, Some(cfg.in_channels), None, None])?;
@@ -290,8 +291,7 @@ pub fn text_encoder_forward(
     clip_skip: usize,
 ) -> Result<(HostTensor, RunReport)> {
     let model = ClipTextModel::from_config_file(&model_dir.join("config.json"))?;
-    let mut weights = WeightFile::read(&weights_path(model_dir, "model")?)?;
-    upgrade_unprefixed_names(&mut weights);
+    let weights = read_component_weights(model_dir, Component::TextEncoder)?;
     let c = &model.config;
     let ids_err = |msg: String| Error::Tensor {
         name: "input_ids".into(),
@@ -350,8 +350,7 @@ pub fn text_encoder_forward(
 /// `decoded` (no scaling applied). Either or both may be given.
 pub fn vae_forward(gpu: &Gpu, model_dir: &Path, inputs: &TensorFile) -> Result<Outputs> {
     let vae = Vae::from_config_file(&model_dir.join("config.json"))?;
-    let mut weights = WeightFile::read(&weights_path(model_dir, "diffusion_pytorch_model")?)?;
-    upgrade_legacy_names(&mut weights);
+    let weights = read_component_weights(model_dir, Component::Vae)?;
     let c = &vae.config;
     let optional = |name: &str, channels: usize| {
         inputs
@@ -380,7 +379,7 @@ pub fn vae_forward(gpu: &Gpu, model_dir: &Path, inputs: &TensorFile) -> Result<O
             shape[0] = mb;
             let x = g.input("image", &shape, DType::F32);
             let (mean, logvar) = vae.encode(&mut g, x)?;
-            Ok((g, no_grad(vec![mean, logvar]), [x, mean, logvar]))
+            Ok((g, RunSpec::no_grad(vec![mean, logvar]), [x, mean, logvar]))
         };
         let (parts, r) = stream(gpu, &weights, image, trace)?;
         let mut parts = parts.into_iter();
@@ -395,7 +394,7 @@ pub fn vae_forward(gpu: &Gpu, model_dir: &Path, inputs: &TensorFile) -> Result<O
             shape[0] = mb;
             let z = g.input("latents", &shape, DType::F32);
             let y = vae.decode(&mut g, z)?;
-            Ok((g, no_grad(vec![y]), [z, y]))
+            Ok((g, RunSpec::no_grad(vec![y]), [z, y]))
         };
         let (parts, r) = stream(gpu, &weights, latents, trace)?;
         out.insert("decoded", parts.into_iter().next().expect("one output"));
@@ -405,13 +404,6 @@ pub fn vae_forward(gpu: &Gpu, model_dir: &Path, inputs: &TensorFile) -> Result<O
         tensors: out,
         report,
     })
-}
-
-fn no_grad(outputs: Vec<TensorId>) -> RunSpec {
-    RunSpec {
-        outputs,
-        ..Default::default()
-    }
 }
 
 /// Run a no-grad graph with one batched input (`ids[0]`) and outputs

@@ -5,13 +5,18 @@
 //! folder also works alone.
 
 use super::clip::ClipTextModel;
+use super::init::Component;
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet;
 use super::vae::Vae;
-use super::weights::weights_path;
+use super::weights::{load_params, read_component_weights, weights_path};
+use crate::dtype::DType;
 use crate::error::{file_err, Result};
+use crate::graph::{Graph, RunSpec, Session, TensorId};
 use crate::io::config::read_json;
+use crate::Gpu;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The components difftrain uses and the classes it accepts for each.
 const COMPONENTS: [(&str, &[&str]); 5] = [
@@ -124,5 +129,52 @@ impl PipelineDir {
             text_encoder,
             tokenizer,
         })
+    }
+
+    /// A no-grad session of graph `g` keeping `outputs`, with the
+    /// parameters of the pipeline's `component` loaded from its folder.
+    pub fn session(
+        &self,
+        gpu: &Gpu,
+        g: Graph,
+        outputs: Vec<TensorId>,
+        component: Component,
+    ) -> Result<Session> {
+        let name = match component {
+            Component::Unet => "unet",
+            Component::Vae => "vae",
+            Component::TextEncoder => "text_encoder",
+        };
+        let s = Session::new(gpu, Arc::new(g), RunSpec::no_grad(outputs))?;
+        load_params(
+            &s,
+            &read_component_weights(&self.root.join(name), component)?,
+        )?;
+        Ok(s)
+    }
+
+    /// The text encoder for `rows` prompts of the tokenizer's length, as a
+    /// no-grad session with its position ids written: (session, input ids,
+    /// last hidden state). Fill the ids with [`PipelineDir::token_ids`].
+    pub fn text_encoder_session(
+        &self,
+        gpu: &Gpu,
+        rows: usize,
+    ) -> Result<(Session, TensorId, TensorId)> {
+        let len = self.tokenizer.max_length();
+        let mut g = Graph::new();
+        let ids = g.input("input_ids", &[rows, len], DType::F32);
+        let pos = g.input("position_ids", &[len], DType::F32);
+        let hidden = self.text_encoder.forward(&mut g, ids, pos, 0)?;
+        let s = self.session(gpu, g, vec![hidden], Component::TextEncoder)?;
+        s.write(pos, &(0..len).map(|i| i as f32).collect::<Vec<_>>())?;
+        Ok((s, ids, hidden))
+    }
+
+    /// The token ids of `prompts`, padded to the tokenizer's length, as the
+    /// text encoder's f32 input `[N, length]`.
+    pub fn token_ids(&self, prompts: &[&str]) -> Result<Vec<f32>> {
+        let ids = self.tokenizer.encode_batch(prompts)?;
+        Ok(ids.into_iter().flatten().map(|i| i as f32).collect())
     }
 }

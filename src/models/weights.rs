@@ -3,6 +3,9 @@
 //! parameters back for saving, and fill fresh ones the way diffusers and
 //! transformers initialize them.
 
+use super::clip::upgrade_unprefixed_names;
+use super::init::Component;
+use super::vae::upgrade_legacy_names;
 use crate::error::{file_err, Error, Result};
 use crate::graph::{Graph, Init, Session};
 use crate::io::{HostTensor, TensorFile, WeightFile};
@@ -25,6 +28,24 @@ pub fn weights_path(dir: &Path, stem: &str) -> Result<PathBuf> {
             format!("no {stem}.safetensors (or {stem}.fp16.safetensors) in this folder"),
         ))
     }
+}
+
+/// The weights of a component folder under today's names:
+/// `diffusion_pytorch_model` for the UNet and the VAE (the VAE's pre-0.14
+/// attention names renamed), `model` for the text encoder (transformers 5's
+/// names without `text_model.` given the prefix).
+pub fn read_component_weights(dir: &Path, component: Component) -> Result<WeightFile> {
+    let stem = match component {
+        Component::TextEncoder => "model",
+        Component::Unet | Component::Vae => "diffusion_pytorch_model",
+    };
+    let mut file = WeightFile::read(&weights_path(dir, stem)?)?;
+    match component {
+        Component::TextEncoder => upgrade_unprefixed_names(&mut file),
+        Component::Vae => upgrade_legacy_names(&mut file),
+        Component::Unet => {}
+    }
+    Ok(file)
 }
 
 /// Write every parameter of the session's graph from `file`, matching by
@@ -73,6 +94,15 @@ pub fn load_params(s: &Session, file: &WeightFile) -> Result<()> {
             missing.join(", ")
         ),
     ))
+}
+
+/// Write every parameter of the session's graph from `file` in memory (a
+/// fresh initialization from [`init_params`]), matching by name.
+pub fn write_params(s: &Session, file: &TensorFile) -> Result<()> {
+    for p in s.graph.params() {
+        s.write(p, &file.get(&s.graph.desc(p).name)?.values)?;
+    }
+    Ok(())
 }
 
 /// Warn about tensors of `file` that no parameter of `g` uses (diffusers

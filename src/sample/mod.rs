@@ -8,11 +8,10 @@ pub mod schedule;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::graph::{Graph, RunSpec, Session, TensorId};
-use crate::io::{HostTensor, WeightFile};
-use crate::models::clip::upgrade_unprefixed_names;
-use crate::models::vae::upgrade_legacy_names;
-use crate::models::weights::{load_params, weights_path};
+use crate::graph::{Graph, RunSpec, Session};
+use crate::io::HostTensor;
+use crate::models::init::Component;
+use crate::models::weights::{load_params, read_component_weights};
 use crate::models::PipelineDir;
 use crate::ops::diffusion::{cpu, rng_key, stream};
 use crate::train::scheduler::PredictionType;
@@ -45,14 +44,6 @@ pub struct SampleRequest {
 pub struct Samples {
     pub latents: HostTensor,
     pub images: HostTensor,
-}
-
-fn no_grad(gpu: &Gpu, g: Graph, outputs: Vec<TensorId>) -> Result<Session> {
-    let spec = RunSpec {
-        outputs,
-        ..Default::default()
-    };
-    Session::new(gpu, Arc::new(g), spec)
 }
 
 /// The sampler `kind` as diffusers' `from_config` builds it from the
@@ -105,23 +96,8 @@ pub fn sample(
         texts.extend(std::iter::repeat_n(prompt.as_str(), req.num_images));
     }
     let len = p.tokenizer.max_length();
-    let ids: Vec<f32> = p
-        .tokenizer
-        .encode_batch(&texts)?
-        .into_iter()
-        .flatten()
-        .map(|i| i as f32)
-        .collect();
-    let mut g = Graph::new();
-    let ids_in = g.input("input_ids", &[rows, len], DType::F32);
-    let pos = g.input("position_ids", &[len], DType::F32);
-    let hidden = p.text_encoder.forward(&mut g, ids_in, pos, 0)?;
-    let mut clip = no_grad(gpu, g, vec![hidden])?;
-    let mut wf = WeightFile::read(&weights_path(&p.root.join("text_encoder"), "model")?)?;
-    upgrade_unprefixed_names(&mut wf);
-    load_params(&clip, &wf)?;
-    clip.write(ids_in, &ids)?;
-    clip.write(pos, &(0..len).map(|i| i as f32).collect::<Vec<_>>())?;
+    let (mut clip, ids_in, hidden) = p.text_encoder_session(gpu, rows)?;
+    clip.write(ids_in, &p.token_ids(&texts)?)?;
 
     // One denoising step: UNet on [x; x], guidance and the scheduler step.
     let mut g = Graph::new();
@@ -142,12 +118,14 @@ pub fn sample(
         PredictionType::Sample => 2,
     };
     let x_prev = g.scheduler_step(x, out, coef, key, guided, prediction)?;
-    let mut unet = no_grad(gpu, g, vec![x_prev, x])?;
-    let wf = WeightFile::read(&weights_path(
-        unet_dir.unwrap_or(&p.root.join("unet")),
-        "diffusion_pytorch_model",
-    )?)?;
-    load_params(&unet, &wf)?;
+    let mut unet = match unet_dir {
+        Some(dir) => {
+            let s = Session::new(gpu, Arc::new(g), RunSpec::no_grad(vec![x_prev, x]))?;
+            load_params(&s, &read_component_weights(dir, Component::Unet)?)?;
+            s
+        }
+        None => p.session(gpu, g, vec![x_prev, x], Component::Unet)?,
+    };
 
     let start = match &req.latents {
         Some(v) if v.len() == n * c * h * w => v.clone(),
@@ -187,13 +165,7 @@ pub fn sample(
     let z = g.input("latents", &latent_shape, DType::F32);
     let scaled = g.scale(z, 1.0 / p.vae.config.scaling_factor);
     let image = p.vae.decode(&mut g, scaled)?;
-    let mut vae = no_grad(gpu, g, vec![image])?;
-    let mut wf = WeightFile::read(&weights_path(
-        &p.root.join("vae"),
-        "diffusion_pytorch_model",
-    )?)?;
-    upgrade_legacy_names(&mut wf);
-    load_params(&vae, &wf)?;
+    let mut vae = p.session(gpu, g, vec![image], Component::Vae)?;
     vae.write(z, &latents)?;
     vae.step()?;
     let pixels: Vec<f32> = vae

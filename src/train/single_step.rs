@@ -8,9 +8,10 @@ use super::scheduler::NoiseSchedule;
 use super::step::{StepOptions, StepShape, TrainStep};
 use crate::error::{Error, Result};
 use crate::graph::{AdamW, Session};
-use crate::io::{HostTensor, TensorFile, WeightFile};
+use crate::io::{HostTensor, TensorFile};
+use crate::models::init::Component;
 use crate::models::pipeline::component_dir;
-use crate::models::weights::{load_params, weights_path};
+use crate::models::weights::{load_params, read_component_weights};
 use crate::models::UNet;
 use crate::Gpu;
 use std::path::Path;
@@ -97,7 +98,7 @@ pub fn single_step(
 ) -> Result<TensorFile> {
     let unet_dir = component_dir(model_dir, "unet");
     let unet = UNet::from_config_file(&unet_dir.join("config.json"))?;
-    let weights = WeightFile::read(&weights_path(&unet_dir, "diffusion_pytorch_model")?)?;
+    let weights = read_component_weights(&unet_dir, Component::Unet)?;
     let schedule = noise_schedule(model_dir, config)?;
     let opts = step_options(config, &schedule, true)?;
 

@@ -16,11 +16,9 @@ use super::single_step::{adamw, noise_schedule, step_options};
 use super::step::{StepShape, TrainStep};
 use crate::dtype::DType;
 use crate::error::{file_err, Error, Result};
-use crate::graph::{Graph, RunSpec, Session, TensorId};
-use crate::io::WeightFile;
-use crate::models::clip::upgrade_unprefixed_names;
-use crate::models::vae::upgrade_legacy_names;
-use crate::models::weights::{init_params, load_params, weights_path};
+use crate::graph::{Graph, Session, TensorId};
+use crate::models::init::Component;
+use crate::models::weights::{init_params, load_params, read_component_weights, write_params};
 use crate::models::{PipelineDir, UNet};
 use crate::ops::diffusion::{rng_key, stream};
 use crate::ops::optim::EMA_ONE_MINUS_DECAY;
@@ -106,23 +104,9 @@ impl Encoders {
         let shape = [batch, c, resolution / f, resolution / f];
         let noise = g.random_normal(vae_key, &shape, stream::LATENT, 0.0)?;
         let latents = p.vae.encode_latents(&mut g, image, noise)?;
-        let vae = no_grad_session(gpu, g, latents)?;
-        let vae_dir = p.root.join("vae");
-        let mut w = WeightFile::read(&weights_path(&vae_dir, "diffusion_pytorch_model")?)?;
-        upgrade_legacy_names(&mut w);
-        load_params(&vae, &w)?;
-
+        let vae = p.session(gpu, g, vec![latents], Component::Vae)?;
         // CLIP: input ids -> last hidden state.
-        let len = p.tokenizer.max_length();
-        let mut g = Graph::new();
-        let input_ids = g.input("input_ids", &[batch, len], DType::F32);
-        let pos = g.input("position_ids", &[len], DType::F32);
-        let hidden = p.text_encoder.forward(&mut g, input_ids, pos, 0)?;
-        let clip = no_grad_session(gpu, g, hidden)?;
-        let mut w = WeightFile::read(&weights_path(&p.root.join("text_encoder"), "model")?)?;
-        upgrade_unprefixed_names(&mut w);
-        load_params(&clip, &w)?;
-        clip.write(pos, &(0..len).map(|i| i as f32).collect::<Vec<_>>())?;
+        let (clip, input_ids, hidden) = p.text_encoder_session(gpu, batch)?;
         Ok(Encoders {
             vae,
             image,
@@ -133,14 +117,6 @@ impl Encoders {
             hidden,
         })
     }
-}
-
-fn no_grad_session(gpu: &Gpu, g: Graph, output: TensorId) -> Result<Session> {
-    let spec = RunSpec {
-        outputs: vec![output],
-        ..Default::default()
-    };
-    Session::new(gpu, Arc::new(g), spec)
 }
 
 /// The model to train: a local pipeline folder or the built-in one, and
@@ -274,24 +250,11 @@ pub fn train(
             )));
         }
         None => match &fresh_unet {
-            Some(path) => {
-                let mut g = Graph::new();
-                let x = g.input(
-                    "x",
-                    &[1, unet.config.in_channels, levels, levels],
-                    DType::F32,
-                );
-                let tt = g.input("t", &[1], DType::F32);
-                let c = g.input("c", &[1, 1, shape.text_dim], DType::F32);
-                unet.forward(&mut g, x, tt, c)?;
-                let w = init_params(&g, seed, path);
-                for p in s.graph.params() {
-                    s.write(p, &w.get(&s.graph.desc(p).name)?.values)?;
-                }
-            }
+            // The step graph's parameters are the UNet's, in its order, so
+            // they initialize as `difftrain init unet` would.
+            Some(path) => write_params(&s, &init_params(&s.graph, seed, path))?,
             None => {
-                let dir = pipeline.root.join("unet");
-                let w = WeightFile::read(&weights_path(&dir, "diffusion_pytorch_model")?)?;
+                let w = read_component_weights(&pipeline.root.join("unet"), Component::Unet)?;
                 load_params(&s, &w)?;
             }
         },
@@ -543,8 +506,7 @@ fn tokenize(
             }
         })
         .collect();
-    let ids = p.tokenizer.encode_batch(&prompts)?;
-    Ok(ids.into_iter().flatten().map(|i| i as f32).collect())
+    p.token_ids(&prompts)
 }
 
 /// The final pipeline folder: the trained UNet (its EMA weights with

@@ -13,8 +13,11 @@ use crate::dtype::DType;
 use crate::error::{file_err, Result};
 use crate::graph::{AdamW, Graph, RunSpec, Session};
 use crate::io::config::write_config;
-use crate::io::{StoredDType, TensorFile, WeightFile};
-use crate::models::weights::{init_params, load_params, read_params, weights_path};
+use crate::io::{StoredDType, TensorFile};
+use crate::models::init::Component;
+use crate::models::weights::{
+    init_params, load_params, read_component_weights, read_params, write_params,
+};
 use crate::models::Vae;
 use crate::ops::diffusion::{rng_key, stream};
 use crate::ops::elementwise::Activation;
@@ -102,16 +105,8 @@ pub fn fit_vae(
     let graph = Arc::new(g);
     let mut s = Session::new(gpu, graph.clone(), spec)?;
     match &fit.init {
-        Some(dir) => load_params(
-            &s,
-            &WeightFile::read(&weights_path(dir, "diffusion_pytorch_model")?)?,
-        )?,
-        None => {
-            let fresh = init_params(&graph, fit.seed, &fit.config);
-            for p in graph.params() {
-                s.write(p, &fresh.get(&graph.desc(p).name)?.values)?;
-            }
-        }
+        Some(dir) => load_params(&s, &read_component_weights(dir, Component::Vae)?)?,
+        None => write_params(&s, &init_params(&graph, fit.seed, &fit.config))?,
     }
     s.write(seed, &[1.0])?;
 
