@@ -36,32 +36,97 @@ fn sumsq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     if (lid == 0u) { partials_store(p.base + block, partial[0]); }
 }
 
-//@ entry clip_scale
-//@ tensors partials:read scale:write
-// scale[0] = min(1, max_norm / (||g|| + 1e-6)); scale[1] = ||g||, where
+//@ entry step_prologue
+//@ tensors partials:read clip:write step:rw scaler:rw seed:rw
+//@ const CLIP = false
+//@ const SCALER = false
+// Once per optimizer step, before the AdamW kernels; one workgroup.
 // ||g||^2 is the sum of all partials: lane l adds partials l, l + RWG, ...
 // in order, then the lanes are summed by the fixed tree.
-struct Params { count: u32, max_norm: f32 }
+//
+// SCALER (fp16 loss scaling, torch.amp.GradScaler): the gradients are those
+// of scale * loss. inf/NaN anywhere makes ||g||^2 non-finite: the step is
+// skipped (step[3] = 1), the scale backs off and the growth tracker resets;
+// otherwise after `interval` good steps in a row the scale grows. The
+// backward seed (d objective / d loss) follows the scale for the next step.
+// Scales are powers of two, so unscaling is exact.
+//
+// clip = [multiplier, ||g|| unscaled], multiplier = 1 / scale times, with
+// CLIP, min(1, max_norm / (||g|| + 1e-6)) (clip_grad_norm_).
+// step = [t, 1 - beta1^t, 1 - beta2^t, skip]: AdamW's step count counts
+// applied updates only, as torch's does when GradScaler skips one.
+// scaler = [scale, growth tracker, skipped steps in all, 0].
+struct Params {
+    count: u32, max_norm: f32, log_beta1: f32, log_beta2: f32,
+    growth: f32, backoff: f32, interval: f32,
+}
 @compute @workgroup_size(RWG)
-fn clip_scale(@builtin(local_invocation_index) lid: u32) {
+fn step_prologue(@builtin(local_invocation_index) lid: u32) {
     var s = 0.0;
     for (var i = lid; i < p.count; i += RWG) { s += partials_load(i); }
     partial[lid] = s;
     tree_sum(lid);
-    if (lid == 0u) {
-        let norm = sqrt(partial[0]);
-        scale_store(0u, min(1.0, p.max_norm / (norm + 1e-6)));
-        scale_store(1u, norm);
+    if (lid != 0u) { return; }
+    let sumsq = partial[0];
+    var inv_scale = 1.0;
+    var skip = false;
+    if (SCALER) {
+        inv_scale = 1.0 / scaler_load(0u);
+        skip = !is_finite(sumsq);
+    }
+    let norm = sqrt(sumsq) * inv_scale;
+    var mult = inv_scale;
+    if (CLIP) { mult *= min(1.0, p.max_norm / (norm + 1e-6)); }
+    clip_store(0u, mult);
+    clip_store(1u, norm);
+    let t = step_load(0u) + select(1.0, 0.0, skip);
+    step_store(0u, t);
+    step_store(1u, one_minus_exp(t * p.log_beta1));
+    step_store(2u, one_minus_exp(t * p.log_beta2));
+    step_store(3u, select(0.0, 1.0, skip));
+    if (SCALER) {
+        let old = scaler_load(0u);
+        var scale = old;
+        var tracker = scaler_load(1u) + 1.0;
+        if (skip) {
+            scale *= p.backoff;
+            tracker = 0.0;
+            scaler_store(2u, scaler_load(2u) + 1.0);
+        } else if (tracker >= p.interval) {
+            scale *= p.growth;
+            tracker = 0.0;
+        }
+        scaler_store(0u, scale);
+        scaler_store(1u, tracker);
+        seed_store(0u, seed_load(0u) * (scale / old));
     }
 }
 
+// Whether x is neither infinite nor NaN (WGSL has no isinf / isnan).
+fn is_finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
+}
+
+// 1 - e^x for x <= 0 (Adam's bias corrections 1 - beta^t = 1 - e^(t ln beta)):
+// a Taylor series where 1 - exp(x) would cancel, exp beyond.
+fn one_minus_exp(x: f32) -> f32 {
+    if (x > -0.25) {
+        // -(x + x^2/2! + ... + x^9/9!), Horner; the next term is below 3e-13.
+        var q = x / 9.0;
+        for (var k = 8.0; k >= 1.0; k -= 1.0) { q = x / k * (1.0 + q); }
+        return -q;
+    }
+    return 1.0 - exp(x);
+}
+
 //@ entry adamw
-//@ tensors param:rw grad:rw m:rw v:rw hyper:read scale:read
-//@ const CLIP = false
+//@ tensors param:rw grad:rw m:rw v:rw hyper:read clip:read step:read
 //@ const ZERO_GRAD = false
 // One AdamW update of the first n elements of the bound windows of param,
-// grad, m and v. hyper = [lr, 1 - beta1^t, 1 - beta2^t]; written by the host
-// each step. ZERO_GRAD (gradient accumulation) clears grad once read.
+// grad, m and v: the gradient times clip[0] (unscaling and clipping), the
+// bias corrections from step (see step_prologue), nothing when step[3]
+// says the step is skipped. hyper = [lr], written by the host each step.
+// ZERO_GRAD (gradient accumulation) clears grad once read, skipped or not.
 struct Params { n: u32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32 }
 @compute @workgroup_size(WG)
 fn adamw(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -70,14 +135,15 @@ fn adamw(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     let lr = hyper_load(0u);
     var g = grad_load(i);
     if (ZERO_GRAD) { grad_store(i, 0.0); }
-    if (CLIP) { g *= scale_load(0u); }
+    if (step_load(3u) != 0.0) { return; }
+    g *= clip_load(0u);
     let w = param_load(i) * (1.0 - lr * p.weight_decay);
     let m = p.beta1 * m_load(i) + (1.0 - p.beta1) * g;
     let v = p.beta2 * v_load(i) + (1.0 - p.beta2) * g * g;
     m_store(i, m);
     v_store(i, v);
-    let denom = sqrt(v) / sqrt(hyper_load(2u)) + p.eps;
-    param_store(i, w - (lr / hyper_load(1u)) * m / denom);
+    let denom = sqrt(v) / sqrt(step_load(2u)) + p.eps;
+    param_store(i, w - (lr / step_load(1u)) * m / denom);
 }
 
 //@ entry ema_update

@@ -196,12 +196,14 @@ pub fn op_cases() -> Vec<BenchCase> {
 }
 
 /// A whole UNet step (`bench unet`): the model of `config` on `batch`
-/// latents of `latent` x `latent` with 77 text tokens, forward only or forward
-/// and backward (counted as 3x the forward FLOPs, as for the ops).
+/// latents of `latent` x `latent` with 77 text tokens, activations in
+/// `dtype`, forward only or forward and backward (counted as 3x the forward
+/// FLOPs, as for the ops).
 pub fn unet_case(
     config: &std::path::Path,
     batch: usize,
     latent: usize,
+    dtype: DType,
     backward: bool,
 ) -> Result<BenchCase> {
     let unet = crate::models::UNet::from_config_file(config)?;
@@ -228,7 +230,7 @@ pub fn unet_case(
     Ok(BenchCase {
         name,
         shape: format!("B{batch} {channels}x{latent}x{latent} S77"),
-        dtype: DType::F32,
+        dtype,
         backward,
         build: Box::new(build),
         work: Work::Flops(flops),

@@ -5,7 +5,7 @@ mod cli;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use difftrain::gpu::AdapterChoice;
-use difftrain::Gpu;
+use difftrain::{DType, Gpu};
 
 #[derive(Parser)]
 #[command(
@@ -92,10 +92,18 @@ enum BenchWhat {
         /// Only the forward pass.
         #[arg(long)]
         forward_only: bool,
+        /// Activation dtypes to run, comma separated (f32, f16, bf16); the weights and their
+        /// gradients stay f32, as in training.
+        #[arg(long, value_delimiter = ',', default_value = "f32", value_parser = parse_dtype)]
+        dtype: Vec<DType>,
         /// Also time every dispatch with GPU timestamps and print where each case's time goes.
         #[arg(long)]
         profile: bool,
     },
+}
+
+fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
+    DType::parse(s).ok_or_else(|| format!("'{s}' is not one of f32, f16, bf16"))
 }
 
 fn main() -> Result<()> {
@@ -124,6 +132,7 @@ fn main() -> Result<()> {
                     latent,
                     iters,
                     forward_only,
+                    dtype,
                     profile,
                 },
         } => {
@@ -131,6 +140,7 @@ fn main() -> Result<()> {
                 batch,
                 latent,
                 forward_only,
+                dtypes: dtype,
             };
             cli::bench::bench_unet(&choice, &config, shape, iters, profile)
         }

@@ -206,7 +206,7 @@ fn accumulated_half_batches_equal_one_whole_batch() {
             .collect();
         s.write(step.alphas_cumprod, &schedule.alphas_cumprod())
             .unwrap();
-        s.write(step.loss_grad, &[1.0 / accum as f32]).unwrap();
+        TrainStep::write_loss_grad(&s, step.loss_grad, accum).unwrap();
         for m in 0..accum {
             let b0 = m * batch;
             s.write(step.latents, &rows("latents", b0, batch)).unwrap();

@@ -64,6 +64,11 @@ fn resume_is_bit_identical_with_ema() {
     check_resume("ema", &["train.use_ema=true", "train.ema_use_warmup=true"]);
 }
 
+#[test]
+fn resume_is_bit_identical_in_fp16_with_loss_scaling() {
+    check_resume("fp16", &["train.precision=\"fp16\""]);
+}
+
 /// 5 steps in one run, and 2 steps + resume + 3 steps, give identical
 /// final UNet weights (the EMA's, when it is on).
 fn check_resume(name: &str, extra: &[&str]) {

@@ -32,6 +32,8 @@ pub struct UnetShape {
     pub batch: usize,
     pub latent: usize,
     pub forward_only: bool,
+    /// Activation dtypes, a case each.
+    pub dtypes: Vec<difftrain::DType>,
 }
 
 /// `bench unet`: forward, then (unless `forward_only`) forward + backward.
@@ -46,14 +48,22 @@ pub fn bench_unet(
         batch,
         latent,
         forward_only,
+        dtypes,
     } = shape;
     if iters == 0 || batch == 0 || latent == 0 {
         bail!("--iters, --batch and --latent must be at least 1");
     }
     let gpu = open(choice)?;
-    let mut cases = vec![difftrain::bench::unet_case(config, batch, latent, false)?];
-    if !forward_only {
-        cases.push(difftrain::bench::unet_case(config, batch, latent, true)?);
+    let mut cases = Vec::new();
+    for dtype in dtypes {
+        cases.push(difftrain::bench::unet_case(
+            config, batch, latent, dtype, false,
+        )?);
+        if !forward_only {
+            cases.push(difftrain::bench::unet_case(
+                config, batch, latent, dtype, true,
+            )?);
+        }
     }
     run_cases(&gpu, choice, &cases, iters, profile)
 }

@@ -10,7 +10,7 @@ mod session;
 
 pub use emit::{Binding, Emit, Kernel, Slot, Window};
 pub use op::{Op, OpKernels};
-pub use plan::{AdamW, Plan, RunSpec, StepStats};
+pub use plan::{AdamW, LossScaling, Plan, RunSpec, StepStats};
 pub use session::Session;
 
 use crate::dtype::DType;
@@ -87,6 +87,8 @@ pub struct Graph {
     frozen: bool,
     /// [`Graph::frozen`] freezes nothing (see [`Graph::train_all_modules`]).
     train_all: bool,
+    /// The storage dtype of frozen module parameters (f32 when None).
+    frozen_dtype: Option<DType>,
 }
 
 impl Graph {
@@ -166,6 +168,9 @@ impl Graph {
         d.role = Role::Param {
             trainable: !self.frozen,
         };
+        if self.frozen {
+            d.dtype = self.frozen_dtype.unwrap_or(DType::F32);
+        }
         Ok(t)
     }
 
@@ -176,6 +181,13 @@ impl Graph {
         let r = f(self);
         self.frozen = was;
         r
+    }
+
+    /// Store the parameters of frozen modules traced from now on in `dtype`
+    /// (mixed precision: diffusers casts the frozen VAE and text encoder to
+    /// `weight_dtype`). Those modules compute in their weights' dtype.
+    pub fn set_frozen_dtype(&mut self, dtype: DType) {
+        self.frozen_dtype = Some(dtype);
     }
 
     /// Make the parameters of modules that are frozen elsewhere trainable

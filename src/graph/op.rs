@@ -63,6 +63,8 @@ op_enum! {
     Binary(ops::elementwise::Binary),
     /// x * s
     Scale(ops::elementwise::Scale),
+    /// x stored in another dtype.
+    Cast(ops::elementwise::Cast),
     /// hidden * gelu(gate) over the two halves of the last dim.
     Geglu(ops::elementwise::Geglu),
     /// torch.clamp(x, lo, hi)

@@ -20,6 +20,32 @@ pub struct AdamW {
     pub weight_decay: f32,
     /// Clip the global L2 norm of all gradients to this value.
     pub max_grad_norm: Option<f32>,
+    /// Dynamic loss scaling (fp16 training).
+    pub loss_scaling: Option<LossScaling>,
+}
+
+/// Dynamic loss scaling with `torch.amp.GradScaler`'s semantics: the
+/// backward pass runs on scale * loss; a step whose gradients hold inf or
+/// NaN is skipped and the scale multiplied by `backoff_factor`; after
+/// `growth_interval` good steps in a row it is multiplied by `growth_factor`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossScaling {
+    pub init_scale: f32,
+    pub growth_factor: f32,
+    pub backoff_factor: f32,
+    pub growth_interval: u32,
+}
+
+impl Default for LossScaling {
+    /// GradScaler's defaults: 2^16, x2 after 2000 good steps, x0.5.
+    fn default() -> Self {
+        LossScaling {
+            init_scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+        }
+    }
 }
 
 impl Default for AdamW {
@@ -33,6 +59,7 @@ impl Default for AdamW {
             eps: 1e-8,
             weight_decay: 1e-2,
             max_grad_norm: Some(1.0),
+            loss_scaling: None,
         }
     }
 }
@@ -119,7 +146,7 @@ pub struct Plan {
     pub buffers: Vec<(String, u64)>,
     pub stats: StepStats,
     /// The persistent slot the host fills each step with AdamW's
-    /// [lr, 1 - beta1^t, 1 - beta2^t, 0].
+    /// [lr, 0, 0, 0] (the step count lives on the GPU, `adamw.step`).
     pub adamw_step: Option<Slot>,
     pub adamw: Option<AdamW>,
     pub trained_params: Vec<TensorId>,
@@ -230,6 +257,7 @@ impl Plan {
                 &trained_params,
                 opt,
                 spec.accumulate_grads,
+                spec.seeds.first().map(|&(_, seed)| seed),
             )?);
         }
         if spec.ema {

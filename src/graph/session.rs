@@ -8,6 +8,7 @@ use super::{Graph, TensorId};
 use crate::error::{Error, Result};
 use crate::gpu::shader::Storage;
 use crate::gpu::{read_buffer, Gpu, KernelKey};
+use crate::ops::optim::GRAD_SCALER;
 use std::sync::Arc;
 
 struct ReadyKernel {
@@ -22,7 +23,6 @@ pub struct Session {
     pub plan: Plan,
     buffers: Vec<wgpu::Buffer>,
     kernels: Vec<ReadyKernel>,
-    optimizer_step: u64,
     lr: f32,
 }
 
@@ -148,15 +148,18 @@ impl Session {
             )));
         }
         let lr = spec.optimizer.as_ref().map(|o| o.lr).unwrap_or(0.0);
-        Ok(Session {
+        let s = Session {
             gpu: gpu.clone(),
             graph,
             plan,
             buffers,
             kernels,
-            optimizer_step: 0,
             lr,
-        })
+        };
+        if let Some(scaling) = spec.optimizer.and_then(|o| o.loss_scaling) {
+            s.write_state(GRAD_SCALER, &[scaling.init_scale, 0.0, 0.0, 0.0])?;
+        }
+        Ok(s)
     }
 
     pub fn stats(&self) -> &StepStats {
@@ -239,18 +242,9 @@ impl Session {
         self.lr = lr;
     }
 
-    /// Optimizer steps taken so far.
-    pub fn optimizer_steps(&self) -> u64 {
-        self.optimizer_step
-    }
-
-    /// Set the optimizer's step count (resuming from a checkpoint).
-    pub fn set_optimizer_steps(&mut self, steps: u64) {
-        self.optimizer_step = steps;
-    }
-
     /// The persistent storage labelled `label` (optimizer state: `adamw.m.NAME`,
-    /// `adamw.v.NAME`, `adamw.clip`; EMA shadows `ema.NAME`).
+    /// `adamw.v.NAME`, `adamw.step`, `adamw.clip`, `grad_scaler`; EMA
+    /// shadows `ema.NAME`).
     fn state(&self, label: &str) -> Result<&StorageDesc> {
         self.plan
             .storages
@@ -363,23 +357,13 @@ impl Session {
         Ok(())
     }
 
-    /// Advance the optimizer's step count and write AdamW's per-step
-    /// constants [lr, 1 - beta1^t, 1 - beta2^t, 0].
+    /// Write AdamW's per-step constants [lr, 0, 0, 0].
     fn write_optimizer_step(&mut self) -> Result<()> {
         if let Some(slot) = self.plan.adamw_step {
-            self.optimizer_step += 1;
-            let t = self.optimizer_step as i32;
-            let opt = self.plan.adamw.clone().unwrap_or_default();
-            let words = [
-                self.lr,
-                1.0 - (opt.beta1 as f64).powi(t) as f32,
-                1.0 - (opt.beta2 as f64).powi(t) as f32,
-                0.0,
-            ];
             let (buf, _) = self.buffer_of(slot)?;
             self.gpu
                 .queue
-                .write_buffer(buf, 0, bytemuck::cast_slice(&words));
+                .write_buffer(buf, 0, bytemuck::cast_slice(&[self.lr, 0.0, 0.0, 0.0]));
         }
         Ok(())
     }

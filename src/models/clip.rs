@@ -168,7 +168,9 @@ impl ClipTextModel {
                     let p = g.embedding(position_ids, pos)?;
                     let s = g.shape(p)[0];
                     let p = g.reshape(p, &[1, s, d])?;
-                    g.add(t, p)
+                    // The layers compute in the weights' dtype.
+                    let h = g.add(t, p)?;
+                    Ok::<_, crate::Error>(g.cast(h, g.dtype(tok)))
                 })?;
                 let mut h = h;
                 for i in 0..layers {

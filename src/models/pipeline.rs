@@ -155,14 +155,17 @@ impl PipelineDir {
 
     /// The text encoder for `rows` prompts of the tokenizer's length, as a
     /// no-grad session with its position ids written: (session, input ids,
-    /// last hidden state). Fill the ids with [`PipelineDir::token_ids`].
+    /// last hidden state). Its weights and activations are stored in
+    /// `dtype`. Fill the ids with [`PipelineDir::token_ids`].
     pub fn text_encoder_session(
         &self,
         gpu: &Gpu,
         rows: usize,
+        dtype: DType,
     ) -> Result<(Session, TensorId, TensorId)> {
         let len = self.tokenizer.max_length();
         let mut g = Graph::new();
+        g.set_frozen_dtype(dtype);
         let ids = g.input("input_ids", &[rows, len], DType::F32);
         let pos = g.input("position_ids", &[len], DType::F32);
         let hidden = self.text_encoder.forward(&mut g, ids, pos, 0)?;

@@ -54,6 +54,8 @@ impl UNet {
         let temb_dim = cfg.time_embed_dim();
 
         let t = g.timestep_embedding(timesteps, c0, cfg.flip_sin_to_cos, cfg.freq_shift)?;
+        // diffusers casts the sinusoidal embedding to the sample's dtype.
+        let t = g.cast(t, g.dtype(sample));
         let temb = g.scoped("time_embedding", |g| {
             let h = linear(g, "linear_1", t, c0, temb_dim, true)?;
             let h = g.silu(h);

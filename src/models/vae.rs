@@ -247,6 +247,8 @@ impl Vae {
                 format!("noise {:?} must be {:?}", g.shape(noise), g.shape(mean)),
             ));
         }
+        // The sample is drawn in the noise's dtype (f32 in training).
+        let (mean, logvar) = (g.cast(mean, g.dtype(noise)), g.cast(logvar, g.dtype(noise)));
         let half = g.scale(logvar, 0.5);
         let std = g.activation(half, Activation::Exp);
         let z = g.mul(std, noise)?;

@@ -1,6 +1,7 @@
 //! Elementwise ops: activations, GEGLU, scale, and broadcasting add/mul.
 //! Kernels: `shaders/elementwise.wgsl`.
 
+use crate::dtype::DType;
 use crate::error::{shape_err, Result};
 use crate::graph::{Emit, Graph, Kernel, OpKernels, Slot, TensorId};
 
@@ -88,6 +89,12 @@ pub struct Scale {
     pub s: f32,
 }
 
+/// The values of x stored in another dtype (`x.to(dtype)`); the gradient
+/// comes back in x's dtype. Mixed precision casts the UNet's input and
+/// output between the f32 diffusion math and the activation dtype.
+#[derive(Clone, Debug)]
+pub struct Cast;
+
 /// diffusers' GEGLU after its projection: x (.., 2d) -> hidden * gelu(gate).
 #[derive(Clone, Debug)]
 pub struct Geglu;
@@ -136,6 +143,15 @@ impl Graph {
     pub fn scale(&mut self, x: TensorId, s: f32) -> TensorId {
         let (sh, d) = (self.shape(x).to_vec(), self.dtype(x));
         self.add_node(Scale { s }.into(), &[x], &[(sh, d)])[0]
+    }
+
+    /// x in `dtype`: x itself when it is already, else a [`Cast`].
+    pub fn cast(&mut self, x: TensorId, dtype: DType) -> TensorId {
+        if self.dtype(x) == dtype {
+            return x;
+        }
+        let sh = self.shape(x).to_vec();
+        self.add_node(Cast.into(), &[x], &[(sh, dtype)])[0]
     }
 
     pub fn geglu(&mut self, x: TensorId) -> Result<TensorId> {
@@ -410,6 +426,27 @@ impl OpKernels for Scale {
     }
 }
 
+impl OpKernels for Cast {
+    fn kind(&self) -> &'static str {
+        "cast"
+    }
+
+    // The scale kernel converts on load and store, each binding in its
+    // tensor's storage; a scale of 1 is exact.
+    fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
+        let n = e.numel(o[0]);
+        emit_scale(e, Slot::Value(i[0]), Slot::Value(o[0]), n, 1.0, 0.0);
+        Ok(())
+    }
+
+    fn backward(&self, e: &mut Emit, i: &[TensorId], _o: &[TensorId]) -> Result<()> {
+        if let (Some(dy), Some(dx)) = (e.grad_out(0), e.grad_in(0)) {
+            emit_scale(e, dy, dx.slot, e.numel(i[0]), 1.0, dx.beta());
+        }
+        Ok(())
+    }
+}
+
 impl OpKernels for Clamp {
     fn kind(&self) -> &'static str {
         "clamp"
@@ -514,6 +551,53 @@ mod tests {
                 f(a[i], b[bi])
             })
             .collect()
+    }
+
+    #[test]
+    fn cast_widens_narrow_dtypes_exactly() {
+        // f16 (native and packed) and bf16 -> f32; the gradient narrows back.
+        for (dtype, packed) in [
+            (DType::F16, false),
+            (DType::F16, true),
+            (DType::BF16, false),
+        ] {
+            check_op(
+                "cast_to_f32",
+                &[CaseInput::act(&[3, 37])],
+                &|g, t| Ok(g.cast(t[0], DType::F32)),
+                &|v| v[0].clone(),
+                dtype,
+                packed,
+            );
+        }
+    }
+
+    #[test]
+    fn cast_narrows_f32_by_rounding_and_passes_the_gradient() {
+        use crate::graph::{RunSpec, Session};
+        use crate::ops::testing::{gpu, random};
+        // Finite differences see the rounding's steps, so compare directly:
+        // y = round_f16(x), and dx is dy (f16 values, exact in f32).
+        let n = 111;
+        let mut g = Graph::new();
+        let x = g.input_with_grad("x", &[n], DType::F32);
+        let y = g.cast(x, DType::F16);
+        let dy = g.input("dy", &[n], DType::F16);
+        let spec = RunSpec {
+            outputs: vec![y],
+            seeds: vec![(y, dy)],
+            grads: vec![x],
+            ..Default::default()
+        };
+        let mut s = Session::new(gpu(), std::sync::Arc::new(g), spec).unwrap();
+        let (xv, dyv) = (random(n, 1), random(n, 2));
+        s.write(x, &xv).unwrap();
+        s.write(dy, &dyv).unwrap();
+        s.step().unwrap();
+        let want: Vec<f32> = xv.iter().map(|&v| DType::F16.round(v)).collect();
+        assert_eq!(s.read_blocking(y).unwrap(), want);
+        let want: Vec<f32> = dyv.iter().map(|&v| DType::F16.round(v)).collect();
+        assert_eq!(s.read_grad_blocking(x).unwrap(), want);
     }
 
     #[test]

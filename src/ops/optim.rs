@@ -15,17 +15,29 @@ const SUMSQ_BLOCK: usize = 256;
 const RWG: u32 = 64;
 const WG: u32 = 256;
 
-/// Emit the optimizer step for `params` (after the backward pass). Returns
-/// the persistent `hyper` slot the host fills each step with
-/// `[lr, 1 - beta1^t, 1 - beta2^t, 0]`. The global gradient norm (before
-/// clipping) lands in the persistent `adamw.clip` slot when clipping is on.
-/// With `zero_grads` (gradient accumulation) each gradient is zeroed once
-/// used, ready for the next accumulation.
+/// Label of the persistent `[4]` storage `[t, 1 - beta1^t, 1 - beta2^t,
+/// skipped]`: AdamW's step count (applied updates) and bias corrections,
+/// kept on the GPU because a loss-scaled step may be skipped there.
+pub const ADAMW_STEP: &str = "adamw.step";
+/// Label of the persistent `[2]` storage `[multiplier, gradient norm]`.
+pub const ADAMW_CLIP: &str = "adamw.clip";
+/// Label of the persistent `[4]` storage `[scale, growth tracker, skipped
+/// steps, 0]` of dynamic loss scaling.
+pub const GRAD_SCALER: &str = "grad_scaler";
+
+/// Emit the optimizer step for `params` (after the backward pass): the
+/// global gradient norm, the step prologue (clipping multiplier, loss
+/// scaling, the step count) and AdamW. Returns the persistent `hyper` slot
+/// the host fills each step with `[lr, 0, 0, 0]`. The norm lands in
+/// [`ADAMW_CLIP`]. With `zero_grads` (gradient accumulation) each gradient
+/// is zeroed once used, ready for the next accumulation. With loss scaling,
+/// `seed` is the backward seed input that the scale multiplies.
 pub fn emit_adamw(
     e: &mut Emit,
     params: &[TensorId],
     opt: &AdamW,
     zero_grads: bool,
+    seed: Option<TensorId>,
 ) -> Result<Slot> {
     let hyper = e.persistent("adamw.hyper", 4, DType::F32);
     // A parameter, its gradient and its moments are all f32 of one size, so
@@ -34,38 +46,54 @@ pub fn emit_adamw(
         .iter()
         .map(|&p| e.windows(DType::F32, e.numel(p), SUMSQ_BLOCK))
         .collect();
-    let mut scale = None;
-    if let Some(max_norm) = opt.max_grad_norm {
-        let blocks: usize = params
-            .iter()
-            .map(|&p| e.numel(p).div_ceil(SUMSQ_BLOCK))
-            .sum();
-        let partials = e.temp("grad_sq_partials", blocks.max(1), DType::F32);
-        let mut base = 0;
-        for (&p, ws) in params.iter().zip(&windows) {
-            for &w in ws {
-                let n = w.numel.div_ceil(SUMSQ_BLOCK);
-                e.push(
-                    Kernel::new("optim", "sumsq")
-                        .bind_window("g", Slot::Grad(p), w)
-                        .bind("partials", partials)
-                        .u32(w.numel)
-                        .u32(base + w.first / SUMSQ_BLOCK)
-                        .groups_1d(n * RWG as usize, RWG),
-                );
-            }
-            base += e.numel(p).div_ceil(SUMSQ_BLOCK);
+    let blocks: usize = params
+        .iter()
+        .map(|&p| e.numel(p).div_ceil(SUMSQ_BLOCK))
+        .sum();
+    let partials = e.temp("grad_sq_partials", blocks.max(1), DType::F32);
+    let mut base = 0;
+    for (&p, ws) in params.iter().zip(&windows) {
+        for &w in ws {
+            let n = w.numel.div_ceil(SUMSQ_BLOCK);
+            e.push(
+                Kernel::new("optim", "sumsq")
+                    .bind_window("g", Slot::Grad(p), w)
+                    .bind("partials", partials)
+                    .u32(w.numel)
+                    .u32(base + w.first / SUMSQ_BLOCK)
+                    .groups_1d(n * RWG as usize, RWG),
+            );
         }
-        let s = e.persistent("adamw.clip", 2, DType::F32);
-        e.push(
-            Kernel::new("optim", "clip_scale")
-                .bind("partials", partials)
-                .bind("scale", s)
-                .u32(blocks)
-                .f32(max_norm),
-        );
-        scale = Some(s);
+        base += e.numel(p).div_ceil(SUMSQ_BLOCK);
     }
+    let clip = e.persistent(ADAMW_CLIP, 2, DType::F32);
+    let step = e.persistent(ADAMW_STEP, 4, DType::F32);
+    let mut k = Kernel::new("optim", "step_prologue")
+        .bind("partials", partials)
+        .bind("clip", clip)
+        .bind("step", step);
+    if opt.max_grad_norm.is_some() {
+        k = k.konst("CLIP", "true");
+    }
+    let scaling = opt.loss_scaling.clone().unwrap_or_default();
+    if opt.loss_scaling.is_some() {
+        let seed = seed.ok_or_else(|| {
+            crate::error::shape_err("adamw", "loss scaling needs a backward seed")
+        })?;
+        k = k
+            .bind("scaler", e.persistent(GRAD_SCALER, 4, DType::F32))
+            .bind("seed", Slot::Value(seed))
+            .konst("SCALER", "true");
+    }
+    e.push(
+        k.u32(blocks)
+            .f32(opt.max_grad_norm.unwrap_or(0.0))
+            .f32((opt.beta1 as f64).ln() as f32)
+            .f32((opt.beta2 as f64).ln() as f32)
+            .f32(scaling.growth_factor)
+            .f32(scaling.backoff_factor)
+            .f32(scaling.growth_interval as f32),
+    );
     for (&p, ws) in params.iter().zip(&windows) {
         let n = e.numel(p);
         let name = e.graph.desc(p).name.clone();
@@ -77,10 +105,9 @@ pub fn emit_adamw(
                 .bind_window("grad", Slot::Grad(p), w)
                 .bind_window("m", m, w)
                 .bind_window("v", v, w)
-                .bind("hyper", hyper);
-            if let Some(s) = scale {
-                k = k.bind("scale", s).konst("CLIP", "true");
-            }
+                .bind("hyper", hyper)
+                .bind("clip", clip)
+                .bind("step", step);
             if zero_grads {
                 k = k.konst("ZERO_GRAD", "true");
             }
@@ -199,5 +226,89 @@ mod tests {
                 "max_grad_norm {max_grad_norm:?}: AdamW rel error {err:.2e}"
             );
         }
+    }
+
+    /// torch.amp.GradScaler over a run of good and overflowing steps: the
+    /// scale backs off and grows, skipped steps leave the weights, the
+    /// moments and AdamW's step count alone, and the backward seed follows
+    /// the scale.
+    #[test]
+    fn loss_scaling_skips_overflow_and_follows_grad_scaler() {
+        use crate::graph::LossScaling;
+        let n = 300;
+        let scaling = LossScaling {
+            init_scale: 1024.0,
+            growth_interval: 3,
+            ..Default::default()
+        };
+        let opt = AdamW {
+            lr: 0.01,
+            max_grad_norm: Some(0.05),
+            loss_scaling: Some(scaling.clone()),
+            ..Default::default()
+        };
+        let mut g = Graph::new();
+        let w = g.param("w", &[n]);
+        let target = g.input("target", &[n], DType::F32);
+        let loss = g.mse_loss(w, target).unwrap();
+        let seed = g.input("seed", &[1], DType::F32);
+        let spec = RunSpec {
+            outputs: vec![loss],
+            seeds: vec![(loss, seed)],
+            optimizer: Some(opt.clone()),
+            ..Default::default()
+        };
+        let mut s = Session::new(gpu(), Arc::new(g), spec).unwrap();
+        let w0 = random(n, 1);
+        let t0 = random(n, 2);
+        s.write(w, &w0).unwrap();
+        s.write(seed, &[scaling.init_scale]).unwrap();
+        let mut wc: Vec<f64> = w0.iter().map(|&x| x as f64).collect();
+        let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+        let (mut scale, mut tracker, mut skipped, mut t) = (1024.0f32, 0, 0, 0);
+        // A target of 1e38 overflows the scaled gradient to inf.
+        let overflow = [false, true, false, false, false, false, true, false];
+        for (k, &bad) in overflow.iter().enumerate() {
+            let tv: Vec<f32> = if bad { vec![1e38; n] } else { t0.clone() };
+            s.write(target, &tv).unwrap();
+            s.step().unwrap();
+            if bad {
+                scale *= 0.5;
+                tracker = 0;
+                skipped += 1;
+            } else {
+                t += 1;
+                let grad: Vec<f64> = wc
+                    .iter()
+                    .zip(&t0)
+                    .map(|(a, &b)| 2.0 * (a - b as f64) / n as f64)
+                    .collect();
+                adamw_cpu(&mut wc, &mut m, &mut v, &grad, t, &opt);
+                tracker += 1;
+                if tracker == 3 {
+                    scale *= 2.0;
+                    tracker = 0;
+                }
+            }
+            let scaler = s.read_state_blocking(super::GRAD_SCALER).unwrap();
+            assert_eq!(
+                scaler[..3],
+                [scale, tracker as f32, skipped as f32],
+                "step {k}: scaler state"
+            );
+            assert_eq!(s.read_blocking(seed).unwrap(), [scale], "step {k}: seed");
+            let step = s.read_state_blocking(super::ADAMW_STEP).unwrap();
+            assert_eq!(step[0], t as f32, "step {k}: AdamW's step count");
+            assert_eq!(step[3], if bad { 1.0 } else { 0.0 }, "step {k}: skip flag");
+            let got = s.read_blocking(w).unwrap();
+            assert!(
+                got.iter().all(|x| x.is_finite()),
+                "step {k}: weights not finite"
+            );
+            let err = crate::ops::testing::rel_l2(&got, &wc);
+            assert!(err < 1e-6, "step {k}: AdamW rel error {err:.2e}");
+        }
+        // 1024 -> 512 (overflow) -> 1024 (three good steps) -> 512 (overflow).
+        assert_eq!(scale, 512.0);
     }
 }

@@ -96,7 +96,7 @@ pub fn sample(
         texts.extend(std::iter::repeat_n(prompt.as_str(), req.num_images));
     }
     let len = p.tokenizer.max_length();
-    let (mut clip, ids_in, hidden) = p.text_encoder_session(gpu, rows)?;
+    let (mut clip, ids_in, hidden) = p.text_encoder_session(gpu, rows, DType::F32)?;
     clip.write(ids_in, &p.token_ids(&texts)?)?;
 
     // One denoising step: UNet on [x; x], guidance and the scheduler step.

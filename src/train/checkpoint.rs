@@ -6,7 +6,9 @@
 //! checkpoint-STEP/
 //!   unet/config.json, unet/diffusion_pytorch_model.safetensors   (diffusers layout)
 //!   unet_ema/ ...            the EMA weights, when the EMA is on
-//!   optimizer.safetensors    AdamW moments `adamw.m.NAME`, `adamw.v.NAME` (f32)
+//!   optimizer.safetensors    AdamW moments `adamw.m.NAME`, `adamw.v.NAME`, its
+//!                            step count `adamw.step`, and in fp16 the loss
+//!                            scaler `grad_scaler` (f32)
 //!   trainer_state.json       step, micro-step (the RNG counter), data position,
 //!                            seed, LR schedule, images skipped, time
 //!   config.toml              the resolved config
@@ -22,7 +24,7 @@ use crate::io::config::write_config;
 use crate::io::{HostTensor, TensorFile, WeightFile};
 use crate::models::weights::{load_params, read_params};
 use crate::models::UNet;
-use crate::ops::optim::{ema_label, EMA_ONE_MINUS_DECAY};
+use crate::ops::optim::{ema_label, ADAMW_STEP, EMA_ONE_MINUS_DECAY, GRAD_SCALER};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -109,7 +111,7 @@ pub fn save(
     }
     pause_for_crash_test(state.global_step);
     let mut opt = TensorFile::new(&tmp.join(OPTIMIZER));
-    for label in moment_labels(session) {
+    for label in optimizer_labels(session) {
         let v = session.read_state_blocking(&label)?;
         opt.insert(&label, HostTensor::f32(&[v.len()], v));
     }
@@ -166,7 +168,7 @@ pub fn reset_ema(session: &Session) -> Result<()> {
 /// step): weights, optimizer moments and step count. Returns its state. A
 /// missing or truncated file, a tensor of another shape, or a UNet config
 /// other than the one being trained is an error naming the file and tensor.
-pub fn load(dir: &Path, session: &mut Session, unet: &UNet) -> Result<TrainerState> {
+pub fn load(dir: &Path, session: &Session, unet: &UNet) -> Result<TrainerState> {
     let state_path = dir.join(STATE);
     let text = std::fs::read_to_string(&state_path)
         .map_err(|e| file_err(&state_path, format!("cannot read ({e}); not a checkpoint")))?;
@@ -179,7 +181,17 @@ pub fn load(dir: &Path, session: &mut Session, unet: &UNet) -> Result<TrainerSta
 
     let opt_path = dir.join(OPTIMIZER);
     let opt = TensorFile::read(&opt_path)?;
-    for label in moment_labels(session) {
+    for label in optimizer_labels(session) {
+        if label == ADAMW_STEP && opt.get(&label).is_err() {
+            // A checkpoint from before the step count moved to the GPU:
+            // every step was applied.
+            let adamw = session.plan.adamw.clone().unwrap_or_default();
+            let t = state.global_step as i32;
+            let bc = |beta: f32| 1.0 - (beta as f64).powi(t) as f32;
+            let values = [t as f32, bc(adamw.beta1), bc(adamw.beta2), 0.0];
+            session.write_state(&label, &values)?;
+            continue;
+        }
         let t = opt.get(&label)?;
         session
             .write_state(&label, &t.values)
@@ -205,14 +217,16 @@ pub fn load(dir: &Path, session: &mut Session, unet: &UNet) -> Result<TrainerSta
                 })?;
         }
     }
-    session.set_optimizer_steps(state.global_step);
     Ok(state)
 }
 
-/// Labels of AdamW's moments.
-fn moment_labels(session: &Session) -> Vec<String> {
+/// Labels of the optimizer's state: AdamW's moments and step count, the
+/// loss scaler.
+fn optimizer_labels(session: &Session) -> Vec<String> {
     let mut labels = session.state_labels("adamw.m.");
     labels.extend(session.state_labels("adamw.v."));
+    labels.extend(session.state_labels(ADAMW_STEP));
+    labels.extend(session.state_labels(GRAD_SCALER));
     labels
 }
 

@@ -8,6 +8,7 @@ use super::data::DataOptions;
 use super::ema::EmaSchedule;
 use super::lr::LrSchedule;
 use super::scheduler::{BetaSchedule, NoiseSchedule, PredictionType};
+use crate::dtype::DType;
 use crate::error::{file_err, Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -86,7 +87,8 @@ pub struct ModelConfig {
     pub sample_target: SampleTarget,
 }
 
-/// Storage precision of activations.
+/// Storage precision of activations and of the frozen encoders' weights
+/// (master weights and optimizer state are always f32).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
@@ -94,6 +96,16 @@ pub enum Precision {
     Fp32,
     Fp16,
     Bf16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::Fp32 => DType::F32,
+            Precision::Fp16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -304,17 +316,6 @@ impl Config {
             msg,
         };
         let t = &self.train;
-        if t.precision != Precision::Fp32 {
-            return Err(err(
-                "train.precision",
-                format!(
-                    "{:?} training is not implemented yet (it comes with the next release); \
-                     use \"fp32\"",
-                    t.precision
-                )
-                .to_lowercase(),
-            ));
-        }
         if t.dream_training && self.model.prediction_type == Some(PredictionType::Sample) {
             return Err(err(
                 "train.dream_training",
@@ -512,7 +513,6 @@ mod tests {
             ("[train]\nlearning_rat = 1.0\n", "learning_rat"),
             ("[trian]\n", "trian"),
             ("[train]\nlearning_rate = \"fast\"\n", "train.learning_rate"),
-            ("[train]\nprecision = \"fp16\"\n", "train.precision"),
             ("[train]\nprecision = \"fp8\"\n", "train.precision"),
             (
                 "[train]\nlr_scheduler = \"cosine_wobble\"\n",

@@ -37,6 +37,8 @@ pub fn smooth(values: &[f32], weight: f64) -> Vec<f32> {
 pub fn write_loss_plot(path: &Path, log: &[StepLog]) -> Result<()> {
     register_font();
     let err = |e: String| file_err(path, format!("drawing the loss plot: {e}"));
+    // fp16 steps skipped for overflow may have no finite loss to draw.
+    let log: Vec<&StepLog> = log.iter().filter(|l| l.loss.is_finite()).collect();
     let steps: Vec<f32> = log.iter().map(|l| l.step as f32).collect();
     let loss: Vec<f32> = log.iter().map(|l| l.loss).collect();
     let smoothed = smooth(&loss, 0.9);
@@ -124,6 +126,8 @@ mod tests {
                 grad_norm: 1.0,
                 images_per_s: 1.0,
                 elapsed_s: s as f64,
+                loss_scale: None,
+                skipped_steps: None,
             })
             .collect();
         let path = std::env::temp_dir().join(format!("difftrain-plot-{}.png", std::process::id()));

@@ -3,11 +3,11 @@
 //! against PyTorch: the same graph the trainer runs, with noise and
 //! timesteps as inputs instead of drawn, from fresh AdamW state.
 
-use super::config::Config;
+use super::config::{Config, Precision};
 use super::scheduler::NoiseSchedule;
 use super::step::{StepOptions, StepShape, TrainStep};
 use crate::error::{Error, Result};
-use crate::graph::{AdamW, Session};
+use crate::graph::{AdamW, LossScaling, Session};
 use crate::io::{HostTensor, TensorFile};
 use crate::models::init::Component;
 use crate::models::pipeline::component_dir;
@@ -32,9 +32,8 @@ pub fn noise_schedule(model_dir: &Path, config: &Config) -> Result<NoiseSchedule
     Ok(s)
 }
 
-/// AdamW from the config's `[train]` options, at learning rate `lr`.
-/// Clipping always runs (max_grad_norm 0: to infinity), so the gradient
-/// norm is always measured.
+/// AdamW from the config's `[train]` options, at learning rate `lr`: no
+/// clipping when max_grad_norm is 0, dynamic loss scaling in fp16.
 pub fn adamw(config: &Config, lr: f32) -> AdamW {
     let t = &config.train;
     AdamW {
@@ -43,11 +42,8 @@ pub fn adamw(config: &Config, lr: f32) -> AdamW {
         beta2: t.adam_beta2,
         eps: t.adam_epsilon,
         weight_decay: t.adam_weight_decay,
-        max_grad_norm: Some(if t.max_grad_norm > 0.0 {
-            t.max_grad_norm
-        } else {
-            f32::INFINITY
-        }),
+        max_grad_norm: (t.max_grad_norm > 0.0).then_some(t.max_grad_norm),
+        loss_scaling: (t.precision == Precision::Fp16).then(LossScaling::default),
     }
 }
 
@@ -83,6 +79,7 @@ pub fn step_options(
         snr_gamma: config.train.snr_gamma,
         num_train_timesteps: schedule.num_train_timesteps,
         given_noise,
+        dtype: config.train.precision.dtype(),
     })
 }
 
@@ -151,7 +148,7 @@ pub fn single_step(
     s.write(step.timesteps, &timesteps.values)?;
     s.write(step.context, &context.values)?;
     s.write(step.alphas_cumprod, &alphas_cumprod)?;
-    s.write(step.loss_grad, &[1.0])?;
+    TrainStep::write_loss_grad(&s, step.loss_grad, 1)?;
     s.step()?;
 
     let mut out = TensorFile::new(Path::new("step"));

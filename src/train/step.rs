@@ -8,9 +8,10 @@ use super::config::SampleTarget;
 use super::scheduler::PredictionType;
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::graph::{AdamW, Graph, RunSpec, TensorId};
+use crate::graph::{AdamW, Graph, RunSpec, Session, TensorId};
 use crate::models::UNet;
 use crate::ops::diffusion::{stream, SnrDivisor};
+use crate::ops::optim::GRAD_SCALER;
 
 /// The shapes of one micro-batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +39,9 @@ pub struct StepOptions {
     /// Noise and timesteps are inputs (`difftrain step`) instead of drawn
     /// from the generator.
     pub given_noise: bool,
+    /// The UNet's activation dtype (and the text states'). The diffusion
+    /// arithmetic (noise, add_noise, targets, DREAM, the loss) stays f32.
+    pub dtype: DType,
 }
 
 /// The traced step and its named tensors.
@@ -45,7 +49,7 @@ pub struct TrainStep {
     pub graph: Graph,
     /// x0: the clean latents `[B, C, h, w]` (input).
     pub latents: TensorId,
-    /// encoder_hidden_states `[B, S, D]` (input).
+    /// encoder_hidden_states `[B, S, D]` (input, in the activation dtype).
     pub context: TensorId,
     /// The random key `[4]` (input; see `ops::diffusion::rng_key`).
     pub key: TensorId,
@@ -74,7 +78,7 @@ impl TrainStep {
         let context = g.input(
             "encoder_hidden_states",
             &[shape.batch, shape.text_len, shape.text_dim],
-            DType::F32,
+            opts.dtype,
         );
         let key = g.input("rng_key", &[4], DType::F32);
         let alphas_cumprod = g.input("alphas_cumprod", &[opts.num_train_timesteps], DType::F32);
@@ -102,9 +106,15 @@ impl TrainStep {
             (PredictionType::Sample, SampleTarget::X0) => latents,
             (PredictionType::Sample, SampleTarget::Xt) => xt,
         };
+        // The UNet in the activation dtype, its prediction back in f32.
+        let model = |g: &mut Graph, xt: TensorId| -> Result<TensorId> {
+            let x = g.cast(xt, opts.dtype);
+            let pred = unet.forward(g, x, timesteps, context)?;
+            Ok(g.cast(pred, DType::F32))
+        };
         // 7. DREAM: a no-grad prediction on xt, then the updated xt and target.
         if let Some(detail) = opts.dream {
-            let pred = unet.forward(&mut g, xt, timesteps, context)?;
+            let pred = model(&mut g, xt)?;
             (xt, target) = g.dream_update(
                 xt,
                 target,
@@ -118,7 +128,7 @@ impl TrainStep {
         }
         // 8-9. pred = model(xt, t, cond); loss = mse(pred, target), with
         // Min-SNR each sample's error weighted by min(snr, gamma) / divisor.
-        let pred = unet.forward(&mut g, xt, timesteps, context)?;
+        let pred = model(&mut g, xt)?;
         let loss_weights = match opts.snr_gamma {
             Some(gamma) => {
                 let divisor = match opts.prediction {
@@ -148,6 +158,18 @@ impl TrainStep {
             loss_weights,
             loss,
         })
+    }
+
+    /// Write d(objective)/d(loss) for a session of this step: 1 / `accum`
+    /// (gradient accumulation averages), times the loss scale in fp16 (the
+    /// session's [`GRAD_SCALER`] state; the GPU keeps it current after that).
+    pub fn write_loss_grad(s: &Session, loss_grad: TensorId, accum: usize) -> Result<()> {
+        let scale = if s.state_labels(GRAD_SCALER).is_empty() {
+            1.0
+        } else {
+            s.read_state_blocking(GRAD_SCALER)?[0]
+        };
+        s.write(loss_grad, &[scale / accum as f32])
     }
 
     /// Step 10: backward from the loss, then AdamW (after clipping) and,

@@ -10,7 +10,7 @@
 //! caller shows (progress bar, page) comes through [`Event`]s.
 
 use super::checkpoint::{self, TrainerState};
-use super::config::{Config, ValidationScheduler};
+use super::config::{Config, Precision, ValidationScheduler};
 use super::data::{batches_per_epoch, Dataset, Loader, Position};
 use super::single_step::{adamw, noise_schedule, step_options};
 use super::step::{StepShape, TrainStep};
@@ -21,7 +21,7 @@ use crate::models::init::Component;
 use crate::models::weights::{init_params, load_params, read_component_weights, write_params};
 use crate::models::{PipelineDir, UNet};
 use crate::ops::diffusion::{rng_key, stream};
-use crate::ops::optim::EMA_ONE_MINUS_DECAY;
+use crate::ops::optim::{ADAMW_CLIP, EMA_ONE_MINUS_DECAY, GRAD_SCALER};
 use crate::sample::schedule::SamplerKind;
 use crate::sample::{pipeline_sampler, sample, write_grid, SampleRequest};
 use crate::Gpu;
@@ -40,10 +40,16 @@ pub struct StepLog {
     /// Mean loss over the step's micro-batches.
     pub loss: f32,
     pub lr: f32,
-    /// Global gradient norm before clipping.
+    /// Global gradient norm before clipping (inf or NaN on a skipped step).
     pub grad_norm: f32,
     pub images_per_s: f64,
     pub elapsed_s: f64,
+    /// fp16: the loss scale this step ran with, and the steps skipped for
+    /// inf/NaN gradients so far (all runs of this output folder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped_steps: Option<u64>,
 }
 
 /// What the trainer reports as it goes.
@@ -94,19 +100,29 @@ struct Encoders {
 }
 
 impl Encoders {
-    fn new(gpu: &Gpu, p: &PipelineDir, batch: usize, resolution: usize) -> Result<Encoders> {
+    /// The encoders with weights and activations in `dtype`; the latents
+    /// come out in f32, the text states in `dtype`.
+    fn new(
+        gpu: &Gpu,
+        p: &PipelineDir,
+        batch: usize,
+        resolution: usize,
+        dtype: DType,
+    ) -> Result<Encoders> {
         // VAE: image -> (mean + exp(logvar / 2) * noise) * scaling_factor.
         let f = p.vae.downscale();
         let mut g = Graph::new();
+        g.set_frozen_dtype(dtype);
         let image = g.input("image", &[batch, 3, resolution, resolution], DType::F32);
         let vae_key = g.input("rng_key", &[4], DType::F32);
         let c = p.vae.config.latent_channels;
         let shape = [batch, c, resolution / f, resolution / f];
         let noise = g.random_normal(vae_key, &shape, stream::LATENT, 0.0)?;
-        let latents = p.vae.encode_latents(&mut g, image, noise)?;
+        let x = g.cast(image, dtype);
+        let latents = p.vae.encode_latents(&mut g, x, noise)?;
         let vae = p.session(gpu, g, vec![latents], Component::Vae)?;
         // CLIP: input ids -> last hidden state.
-        let (clip, input_ids, hidden) = p.text_encoder_session(gpu, batch)?;
+        let (clip, input_ids, hidden) = p.text_encoder_session(gpu, batch, dtype)?;
         Ok(Encoders {
             vae,
             image,
@@ -212,7 +228,7 @@ pub fn train(
     let step_graph = TrainStep::build(&unet, shape, &opts)?;
     let ema = t.ema();
     let spec = step_graph.run_spec(adamw(config, base_lr), accum > 1, ema.is_some());
-    let mut frozen = Encoders::new(gpu, &pipeline, batch, res)?;
+    let mut frozen = Encoders::new(gpu, &pipeline, batch, res, opts.dtype)?;
     let TrainStep {
         graph,
         latents,
@@ -225,7 +241,6 @@ pub fn train(
     } = step_graph;
     let mut s = Session::new(gpu, Arc::new(graph), spec)?;
     s.write(alphas_cumprod, &schedule.alphas_cumprod())?;
-    s.write(loss_grad, &[1.0 / accum as f32])?;
 
     // Fresh weights or a checkpoint.
     let mut state = TrainerState {
@@ -242,7 +257,7 @@ pub fn train(
     };
     match resume_dir(config, &out_dir, on_event)? {
         Some(dir) => {
-            state = checkpoint::load(&dir, &mut s, &unet)?;
+            state = checkpoint::load(&dir, &s, &unet)?;
             on_event(Event::Note(format!(
                 "resumed from {} (step {})",
                 dir.display(),
@@ -259,6 +274,14 @@ pub fn train(
             }
         },
     }
+    TrainStep::write_loss_grad(&s, loss_grad, accum)?;
+    let fp16 = t.precision == Precision::Fp16;
+    // fp16: the loss scale the next step runs with (the GPU updates it).
+    let mut loss_scale = if fp16 {
+        Some(s.read_state_blocking(GRAD_SCALER)?[0])
+    } else {
+        None
+    };
     if ema.is_some() && state.global_step == 0 {
         checkpoint::reset_ema(&s)?;
     }
@@ -345,7 +368,14 @@ pub fn train(
             state.position = b.next;
         }
         state.global_step += 1;
-        let grad_norm = s.read_state_blocking("adamw.clip")?[1];
+        let grad_norm = s.read_state_blocking(ADAMW_CLIP)?[1];
+        // The scaler after the step: [scale, tracker, skipped, 0].
+        let scaler = if fp16 {
+            Some(s.read_state_blocking(GRAD_SCALER)?)
+        } else {
+            None
+        };
+        let scale_used = std::mem::replace(&mut loss_scale, scaler.as_ref().map(|v| v[0]));
         let secs = step_start.elapsed().as_secs_f64();
         state.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
         let entry = StepLog {
@@ -356,8 +386,12 @@ pub fn train(
             grad_norm,
             images_per_s: (batch * accum) as f64 / secs,
             elapsed_s: state.elapsed_s,
+            loss_scale: scale_used,
+            skipped_steps: scaler.as_ref().map(|v| v[2] as u64),
         };
-        if !entry.loss.is_finite() {
+        // fp16 skips a step whose values overflowed; elsewhere a
+        // non-finite loss means divergence.
+        if !entry.loss.is_finite() && !fp16 {
             return Err(Error::Gpu(format!(
                 "the loss is {} at step {}: training diverged (try a lower train.learning_rate)",
                 entry.loss, entry.step
