@@ -69,6 +69,84 @@ fn resume_is_bit_identical_in_fp16_with_loss_scaling() {
     check_resume("fp16", &["train.precision=\"fp16\""]);
 }
 
+#[test]
+fn resume_is_bit_identical_with_ema_and_cached_encoders() {
+    check_resume(
+        "cache",
+        &[
+            "train.use_ema=true",
+            "data.cache_latents=true",
+            "data.cache_text_embeddings=true",
+        ],
+    );
+}
+
+/// The encoder caches are keyed by what the encoders see: a changed image
+/// or resolution is encoded again, an unchanged one is reused.
+#[test]
+fn the_cache_reencodes_changed_images_and_settings() {
+    let root = scratch("cache-keys");
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut meta = String::new();
+    for i in 0..4u8 {
+        let img = image::RgbImage::from_pixel(16, 16, image::Rgb([60 * i, 30, 200 - 40 * i]));
+        img.save(data.join(format!("{i}.png"))).unwrap();
+        meta.push_str(&format!(
+            "{{\"file_name\": \"{i}.png\", \"text\": \"a square {i}\"}}\n"
+        ));
+    }
+    std::fs::write(data.join("metadata.jsonl"), meta).unwrap();
+    let out = root.join("out");
+    let entries = |kind: &str| {
+        std::fs::read_dir(out.join("cache").join(kind))
+            .unwrap()
+            .count()
+    };
+    let train_at = |resolution: usize| {
+        let config = tiny(
+            &out,
+            &[
+                "train.gradient_accumulation_steps=1",
+                "train.max_train_steps=2",
+                "data.cache_latents=true",
+                "data.cache_text_embeddings=true",
+                "data.center_crop=true",
+                &format!("data.resolution={resolution}"),
+                &format!("data.train_data_dir={:?}", data.display().to_string()),
+            ],
+        );
+        let mut notes = Vec::new();
+        train(gpu(), &config, &AtomicBool::new(false), &mut |e| {
+            if let Event::Note(n) = e {
+                notes.push(n);
+            }
+        })
+        .unwrap();
+        notes.into_iter().find(|n| n.starts_with("cache:")).unwrap()
+    };
+    assert_eq!(
+        train_at(32),
+        "cache: latents 4 encoded, 0 reused; text states 4 encoded, 0 reused"
+    );
+    assert_eq!((entries("latents"), entries("text")), (4, 4));
+    // One image changes: only it is encoded again.
+    let img = image::RgbImage::from_pixel(16, 16, image::Rgb([0, 255, 0]));
+    img.save(data.join("2.png")).unwrap();
+    assert_eq!(
+        train_at(32),
+        "cache: latents 1 encoded, 3 reused; text states 0 encoded, 4 reused"
+    );
+    assert_eq!(entries("latents"), 5);
+    // Another resolution: every image again; captions unchanged.
+    assert_eq!(
+        train_at(64),
+        "cache: latents 4 encoded, 0 reused; text states 0 encoded, 4 reused"
+    );
+    assert_eq!(entries("latents"), 9);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// 5 steps in one run, and 2 steps + resume + 3 steps, give identical
 /// final UNet weights (the EMA's, when it is on).
 fn check_resume(name: &str, extra: &[&str]) {

@@ -56,6 +56,13 @@ pub struct DataOptions {
     /// Train on a seeded random subset of this many examples (see
     /// [`Dataset::select`]).
     pub max_train_samples: Option<usize>,
+    /// Encode each preprocessed image with the VAE once and keep its latents
+    /// in `OUTPUT_DIR/cache/latents/` (the latent sample is drawn once per
+    /// image; see `train::cache`).
+    pub cache_latents: bool,
+    /// Encode each caption once and keep its text states in
+    /// `OUTPUT_DIR/cache/text/`.
+    pub cache_text_embeddings: bool,
 }
 
 impl Default for DataOptions {
@@ -69,6 +76,8 @@ impl Default for DataOptions {
             random_flip: false,
             builtin_size: 512,
             max_train_samples: None,
+            cache_latents: false,
+            cache_text_embeddings: false,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! learning-rate schedule, checkpoints and the loop.
 
 pub mod builtin;
+pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

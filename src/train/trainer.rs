@@ -9,6 +9,7 @@
 //! and gradient norm are read back after the step, for the log. What the
 //! caller shows (progress bar, page) comes through [`Event`]s.
 
+use super::cache::{component_identity, EncoderCache};
 use super::checkpoint::{self, TrainerState};
 use super::config::{Config, Precision, ValidationScheduler};
 use super::data::{batches_per_epoch, Dataset, Loader, Position};
@@ -135,6 +136,123 @@ impl Encoders {
     }
 }
 
+/// `data.cache_latents` / `data.cache_text_embeddings`: the caches and the
+/// batch-of-one encoders that fill them on a miss.
+struct Caches {
+    latents: Option<EncoderCache>,
+    text: Option<EncoderCache>,
+    one: Encoders,
+}
+
+impl Caches {
+    /// None when neither cache is on.
+    fn open(
+        gpu: &Gpu,
+        config: &Config,
+        p: &PipelineDir,
+        dtype: DType,
+        seed: u64,
+    ) -> Result<Option<Caches>> {
+        let d = &config.data;
+        if !d.cache_latents && !d.cache_text_embeddings {
+            return Ok(None);
+        }
+        let out = &config.train.output_dir;
+        let open = |on: bool, kind: &str, component: &str, settings: String| -> Result<_> {
+            on.then(|| {
+                let id = component_identity(&p.root.join(component))?;
+                EncoderCache::open(out, kind, &id, &settings)
+            })
+            .transpose()
+        };
+        Ok(Some(Caches {
+            latents: open(
+                d.cache_latents,
+                "latents",
+                "vae",
+                format!("{dtype} seed {seed}"),
+            )?,
+            text: open(
+                d.cache_text_embeddings,
+                "text",
+                "text_encoder",
+                dtype.to_string(),
+            )?,
+            one: Encoders::new(gpu, p, 1, d.resolution, dtype)?,
+        }))
+    }
+
+    /// The latents of `images` (`[B, 3, H, W]`): cached, or encoded once
+    /// with the latent sample keyed by the entry (not by the step).
+    fn latents(&mut self, images: &[f32], batch: usize, seed: u64) -> Result<Option<Vec<f32>>> {
+        let Some(cache) = &mut self.latents else {
+            return Ok(None);
+        };
+        let one = &mut self.one;
+        let shape = one.vae.graph.shape(one.latents).to_vec();
+        let mut out = Vec::new();
+        for image in images.chunks(images.len() / batch) {
+            let key = cache.key(image);
+            let numel = shape.iter().product();
+            let v = match cache.get(&key, numel) {
+                Some(v) => v,
+                None => {
+                    let counter = u64::from_le_bytes(key.as_bytes()[..8].try_into().unwrap());
+                    one.vae.write(one.image, image)?;
+                    one.vae.write(one.vae_key, &rng_key(seed, counter))?;
+                    one.vae.step()?;
+                    let v = one.vae.read_blocking(one.latents)?;
+                    cache.put(&key, &shape[1..], v.clone())?;
+                    v
+                }
+            };
+            out.extend(v);
+        }
+        Ok(Some(out))
+    }
+
+    /// The text states of the token ids `ids` (`[B, S]`): cached or encoded.
+    fn text(&mut self, ids: &[f32], batch: usize) -> Result<Option<Vec<f32>>> {
+        let Some(cache) = &mut self.text else {
+            return Ok(None);
+        };
+        let one = &mut self.one;
+        let shape = one.clip.graph.shape(one.hidden).to_vec();
+        let mut out = Vec::new();
+        for row in ids.chunks(ids.len() / batch) {
+            let key = cache.key(row);
+            let v = match cache.get(&key, shape.iter().product()) {
+                Some(v) => v,
+                None => {
+                    one.clip.write(one.input_ids, row)?;
+                    one.clip.step()?;
+                    let v = one.clip.read_blocking(one.hidden)?;
+                    cache.put(&key, &shape[1..], v.clone())?;
+                    v
+                }
+            };
+            out.extend(v);
+        }
+        Ok(Some(out))
+    }
+
+    /// "cache: latents 12 encoded, 36 reused; ..." for the end of a run.
+    fn summary(&self) -> String {
+        let line = |name: &str, c: &Option<EncoderCache>| {
+            c.as_ref()
+                .map(|c| format!("{name} {} encoded, {} reused", c.misses, c.hits))
+        };
+        let parts: Vec<String> = [
+            line("latents", &self.latents),
+            line("text states", &self.text),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        format!("cache: {}", parts.join("; "))
+    }
+}
+
 /// The model to train: a local pipeline folder or the built-in one, and
 /// the UNet (the pipeline's, or a fresh one from `model.unet_config`).
 fn open_model(config: &Config) -> Result<(PipelineDir, UNet, Option<PathBuf>)> {
@@ -229,6 +347,7 @@ pub fn train(
     let ema = t.ema();
     let spec = step_graph.run_spec(adamw(config, base_lr), accum > 1, ema.is_some());
     let mut frozen = Encoders::new(gpu, &pipeline, batch, res, opts.dtype)?;
+    let mut caches = Caches::open(gpu, config, &pipeline, opts.dtype, seed)?;
     let TrainStep {
         graph,
         latents,
@@ -334,11 +453,8 @@ pub fn train(
             // Writes first; then one submission runs, in the spec's order:
             // 1. latents from the VAE (latent sample from the generator),
             // 5. text states from CLIP (diffusers' proportion_empty_prompts),
-            // 2-4, 6-10 the step graph.
-            frozen.vae.write(frozen.image, &b.images)?;
-            frozen
-                .vae
-                .write(frozen.vae_key, &rng_key(seed, state.micro_step))?;
+            // 2-4, 6-10 the step graph. Cached encoder outputs are written
+            // instead of running the encoder.
             let ids = tokenize(
                 &pipeline,
                 &b.captions,
@@ -346,21 +462,39 @@ pub fn train(
                 seed,
                 state.micro_step,
             )?;
-            frozen.clip.write(frozen.input_ids, &ids)?;
+            let (cached_latents, cached_text) = match &mut caches {
+                Some(c) => (c.latents(&b.images, batch, seed)?, c.text(&ids, batch)?),
+                None => (None, None),
+            };
+            let mut cmd = gpu.encoder("train step");
+            match cached_latents {
+                Some(v) => s.write(latents, &v)?,
+                None => {
+                    frozen.vae.write(frozen.image, &b.images)?;
+                    frozen
+                        .vae
+                        .write(frozen.vae_key, &rng_key(seed, state.micro_step))?;
+                    frozen.vae.record_step(&mut cmd, false)?;
+                    frozen
+                        .vae
+                        .record_copy(&mut cmd, frozen.latents, &s, latents)?;
+                }
+            }
+            match cached_text {
+                Some(v) => s.write(context, &v)?,
+                None => {
+                    frozen.clip.write(frozen.input_ids, &ids)?;
+                    frozen.clip.record_step(&mut cmd, false)?;
+                    frozen
+                        .clip
+                        .record_copy(&mut cmd, frozen.hidden, &s, context)?;
+                }
+            }
             s.write(key, &rng_key(seed, state.micro_step))?;
             if let Some(ema) = &ema {
                 let decay = ema.decay_at(state.global_step + 1);
                 s.write_state(EMA_ONE_MINUS_DECAY, &[(1.0 - decay) as f32])?;
             }
-            let mut cmd = gpu.encoder("train step");
-            frozen.vae.record_step(&mut cmd, false)?;
-            frozen
-                .vae
-                .record_copy(&mut cmd, frozen.latents, &s, latents)?;
-            frozen.clip.record_step(&mut cmd, false)?;
-            frozen
-                .clip
-                .record_copy(&mut cmd, frozen.hidden, &s, context)?;
             s.record_step(&mut cmd, micro + 1 == accum)?;
             gpu.queue.submit([cmd.finish()]);
             loss_sum += s.read_blocking(loss)?[0];
@@ -424,6 +558,9 @@ pub fn train(
         }
     }
     log.plot()?;
+    if let Some(c) = &caches {
+        on_event(Event::Note(c.summary()));
+    }
     if interrupted {
         on_event(Event::Note("stopped on request".into()));
     } else {
