@@ -53,6 +53,9 @@ enum Command {
     /// Fit an AutoencoderKL (reconstruction MSE + a small KL term) on a dataset, e.g. the
     /// built-in demo's VAE.
     TrainVae(cli::train_vae::TrainVaeArgs),
+    /// Plain training against DREAM, for epsilon and v_prediction, on the built-in default
+    /// with the same seeds: held-out loss against step and time (dream_report.md, .png).
+    DreamReport(cli::dream_report::DreamReportArgs),
     /// Generate images from prompts with a pipeline folder (DDIM or DDPM, classifier-free
     /// guidance), as a PNG grid or safetensors.
     Sample(cli::sample::SampleArgs),
@@ -148,6 +151,7 @@ fn main() -> Result<()> {
         Command::Init(args) => cli::init::run(args),
         Command::Train(args) => cli::train::run(&Gpu::new_blocking(&choice)?, args),
         Command::TrainVae(args) => cli::train_vae::run(&Gpu::new_blocking(&choice)?, args),
+        Command::DreamReport(args) => cli::dream_report::run(&Gpu::new_blocking(&choice)?, args),
         Command::Sample(args) => cli::sample::run(&Gpu::new_blocking(&choice)?, args),
         Command::Step(args) => cli::step::run(&Gpu::new_blocking(&choice)?, args),
     }

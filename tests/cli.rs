@@ -383,3 +383,41 @@ fn sample_writes_a_png_grid_and_safetensors() {
     assert!(!ok && err.contains(".png or .safetensors"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn dream_report_writes_a_table_and_a_plot() {
+    let out = temp_dir("dream-report");
+    let out_s = out.to_str().unwrap();
+    let (ok, _, err) = difftrain(&[
+        "dream-report",
+        "--steps",
+        "2",
+        "--every",
+        "1",
+        "--output-dir",
+        out_s,
+        "--set",
+        "data.builtin_size=8",
+        "--set",
+        "train.train_batch_size=2",
+        "--set",
+        "train.heldout_examples=4",
+    ]);
+    assert!(ok, "dream-report failed: {err}");
+    let md = std::fs::read_to_string(out.join("dream_report.md")).unwrap();
+    let rows: Vec<&str> = md
+        .lines()
+        .filter(|l| l.starts_with("| epsilon") || l.starts_with("| v_prediction"))
+        .collect();
+    assert_eq!(rows.len(), 4, "{md}");
+    assert!(
+        rows[1].contains("| on |") && rows[0].contains("1.00x"),
+        "{md}"
+    );
+    let plot = image::open(out.join("dream_report.png")).unwrap();
+    assert_eq!((plot.width(), plot.height()), (1100, 450));
+    // Each run logged its held-out loss at both steps.
+    let log = std::fs::read_to_string(out.join("epsilon-dream/train_log.jsonl")).unwrap();
+    assert_eq!(log.matches("heldout_loss").count(), 2, "{log}");
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -29,6 +29,7 @@ fn tiny(out: &Path, extra: &[&str]) -> Config {
         "train.checkpointing_steps=100",
         "train.seed=7",
         "data.builtin_size=12",
+        "train.use_ema=false",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -1,6 +1,7 @@
 //! The subcommands of the `difftrain` binary, one file each.
 
 pub mod bench;
+pub mod dream_report;
 pub mod forward;
 pub mod info;
 pub mod init;

@@ -54,53 +54,9 @@ pub fn run(gpu: &Gpu, a: TrainArgs) -> Result<()> {
     })?;
 
     eprintln!("adapter: {} ({:?})", gpu.info.name, gpu.info.backend);
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
-        )?
-        .progress_chars("=> "),
-    );
-    // A hidden bar (not a terminal: CI logs, pipes) prints nothing, so lines go to stderr.
-    let say = |line: String| {
-        if bar.is_hidden() {
-            eprintln!("{line}");
-        } else {
-            bar.println(line);
-        }
-    };
-    let mut last_report = std::time::Instant::now();
-    let mut on_event = |e: Event| match e {
-        Event::Start {
-            first_step,
-            total_steps,
-            what,
-            ..
-        } => {
-            say(format!("training {what}"));
-            bar.set_length(total_steps);
-            bar.set_position(first_step);
-            bar.reset_eta();
-        }
-        Event::Step(s) => {
-            let msg = format!(
-                "loss {:.4}  lr {:.2e}  {:.1} img/s",
-                s.loss, s.lr, s.images_per_s
-            );
-            bar.set_position(s.step);
-            if bar.is_hidden() && last_report.elapsed().as_secs() >= 10 {
-                eprintln!("step {}/{}: {msg}", s.step, bar.length().unwrap_or(0));
-                last_report = std::time::Instant::now();
-            }
-            bar.set_message(msg);
-        }
-        Event::Skipped(path, why) => say(format!("skipped {}: {why}", path.display())),
-        Event::Checkpoint(dir) => say(format!("checkpoint: {}", dir.display())),
-        Event::Validation(png) => say(format!("validation samples: {}", png.display())),
-        Event::Note(n) => say(n),
-    };
-    let summary = train(gpu, &config, &stop, &mut on_event)?;
-    bar.finish_and_clear();
+    let mut progress = Progress::new()?;
+    let summary = train(gpu, &config, &stop, &mut |e| progress.event(e))?;
+    progress.finish();
 
     let loss = |l: Option<f32>| l.map_or("-".to_string(), |v| format!("{v:.4}"));
     let rss = super::peak_rss_bytes()
@@ -127,4 +83,80 @@ pub fn run(gpu: &Gpu, a: TrainArgs) -> Result<()> {
         eprintln!("pipeline written to {out} (train_log.jsonl, checkpoints, unet/ ...)");
     }
     Ok(())
+}
+
+/// The trainer's events on the terminal: a progress bar with the loss,
+/// learning rate and speed, and a line for each note, checkpoint and
+/// validation grid (plain lines every 10 s when stderr is not a terminal).
+pub struct Progress {
+    bar: ProgressBar,
+    last_report: std::time::Instant,
+}
+
+impl Progress {
+    pub fn new() -> Result<Progress> {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+            )?
+            .progress_chars("=> "),
+        );
+        Ok(Progress {
+            bar,
+            last_report: std::time::Instant::now(),
+        })
+    }
+
+    /// A line above the bar (a hidden bar, e.g. in CI logs, prints nothing).
+    pub fn say(&self, line: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    pub fn event(&mut self, e: Event) {
+        let bar = &self.bar;
+        match e {
+            Event::Start {
+                first_step,
+                total_steps,
+                what,
+                ..
+            } => {
+                self.say(format!("training {what}"));
+                bar.set_length(total_steps);
+                bar.set_position(first_step);
+                bar.reset_eta();
+            }
+            Event::Step(s) => {
+                let mut msg = format!(
+                    "loss {:.4}  lr {:.2e}  {:.1} img/s",
+                    s.loss, s.lr, s.images_per_s
+                );
+                if let Some(h) = s.heldout_loss {
+                    msg.push_str(&format!("  held-out {h:.4}"));
+                }
+                if let (Some(scale), Some(skipped)) = (s.loss_scale, s.skipped_steps) {
+                    msg.push_str(&format!("  scale {scale}  skipped {skipped}"));
+                }
+                bar.set_position(s.step);
+                if bar.is_hidden() && self.last_report.elapsed().as_secs() >= 10 {
+                    eprintln!("step {}/{}: {msg}", s.step, bar.length().unwrap_or(0));
+                    self.last_report = std::time::Instant::now();
+                }
+                bar.set_message(msg);
+            }
+            Event::Skipped(path, why) => self.say(format!("skipped {}: {why}", path.display())),
+            Event::Checkpoint(dir) => self.say(format!("checkpoint: {}", dir.display())),
+            Event::Validation(png) => self.say(format!("validation samples: {}", png.display())),
+            Event::Note(n) => self.say(n),
+        }
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
 }

@@ -149,6 +149,11 @@ pub struct TrainConfig {
     pub ema_use_warmup: bool,
     pub ema_inv_gamma: f64,
     pub ema_power: f64,
+    /// Every this many steps (and at the last), the plain denoising loss on
+    /// a fixed held-out set (`train::heldout`) goes into the log; 0: never.
+    pub heldout_loss_steps: u64,
+    /// Examples in the held-out set (whole micro-batches of it are used).
+    pub heldout_examples: usize,
 }
 
 impl Default for TrainConfig {
@@ -186,6 +191,8 @@ impl Default for TrainConfig {
             ema_use_warmup: false,
             ema_inv_gamma: 1.0,
             ema_power: 2.0 / 3.0,
+            heldout_loss_steps: 0,
+            heldout_examples: 64,
         }
     }
 }

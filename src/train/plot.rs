@@ -1,5 +1,6 @@
-//! `OUTPUT_DIR/loss.png`: the training loss (raw and smoothed) and the
-//! learning rate over the optimizer steps, drawn with plotters.
+//! Plots drawn with plotters: `OUTPUT_DIR/loss.png` (the training loss, raw
+//! and smoothed, and the learning rate over the optimizer steps) and the
+//! DREAM report's held-out loss curves.
 
 use super::trainer::StepLog;
 use crate::error::{file_err, Result};
@@ -110,6 +111,66 @@ pub fn write_loss_plot(path: &Path, log: &[StepLog]) -> Result<()> {
     root.present().map_err(|e| err(e.to_string()))
 }
 
+/// One curve of [`write_heldout_plot`]: a label and (step, seconds, loss) points.
+pub type Curve = (String, Vec<(f32, f32, f32)>);
+
+/// Held-out loss against step (left) and against training seconds (right),
+/// a line per curve.
+pub fn write_heldout_plot(path: &Path, curves: &[Curve]) -> Result<()> {
+    register_font();
+    let err = |e: String| file_err(path, format!("drawing the held-out loss plot: {e}"));
+    let all = || curves.iter().flat_map(|(_, p)| p.iter());
+    let max = |f: fn(&(f32, f32, f32)) -> f32| all().map(f).fold(f32::MIN_POSITIVE, f32::max);
+    let min_loss = all().map(|p| p.2).fold(f32::MAX, f32::min);
+    let (max_loss, lo) = (max(|p| p.2) * 1.03, (min_loss * 0.97).max(0.0));
+    let colours = [BLUE, RED, RGBColor(0, 140, 70), RGBColor(230, 130, 0)];
+    let root = BitMapBackend::new(path, (1100, 450)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let (left, right) = root.split_horizontally(550);
+    type X = fn(&(f32, f32, f32)) -> f32;
+    let (by_step, by_time): (X, X) = (|p| p.0, |p| p.1);
+    let axes = [
+        (&left, "step", max(by_step), by_step),
+        (&right, "training seconds", max(by_time), by_time),
+    ];
+    for (area, x_desc, x_max, x_of) in axes {
+        let mut chart = ChartBuilder::on(area)
+            .caption(format!("held-out loss vs {x_desc}"), ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(32)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0f32..x_max, lo..max_loss)
+            .map_err(|e| err(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc("held-out loss")
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| format!("{v:.3}"))
+            .draw()
+            .map_err(|e| err(e.to_string()))?;
+        for ((label, points), colour) in curves.iter().zip(colours.iter().cycle()) {
+            let style = colour.stroke_width(2);
+            chart
+                .draw_series(LineSeries::new(
+                    points.iter().map(|p| (x_of(p), p.2)),
+                    style,
+                ))
+                .map_err(|e| err(e.to_string()))?
+                .label(label.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()
+            .map_err(|e| err(e.to_string()))?;
+    }
+    root.present().map_err(|e| err(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +189,7 @@ mod tests {
                 elapsed_s: s as f64,
                 loss_scale: None,
                 skipped_steps: None,
+                heldout_loss: None,
             })
             .collect();
         let path = std::env::temp_dir().join(format!("difftrain-plot-{}.png", std::process::id()));

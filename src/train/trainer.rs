@@ -13,6 +13,7 @@ use super::cache::{component_identity, EncoderCache};
 use super::checkpoint::{self, TrainerState};
 use super::config::{Config, Precision, ValidationScheduler};
 use super::data::{batches_per_epoch, Dataset, Loader, Position};
+use super::heldout::HeldOut;
 use super::single_step::{adamw, noise_schedule, step_options};
 use super::step::{StepShape, TrainStep};
 use crate::dtype::DType;
@@ -51,6 +52,9 @@ pub struct StepLog {
     pub loss_scale: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped_steps: Option<u64>,
+    /// The held-out loss after this step, at `train.heldout_loss_steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heldout_loss: Option<f32>,
 }
 
 /// What the trainer reports as it goes.
@@ -136,6 +140,38 @@ impl Encoders {
     }
 }
 
+impl Encoders {
+    /// Run the VAE now: the latents of `images`, the sample drawn with `key`.
+    fn latents_now(&mut self, images: &[f32], key: [f32; 4]) -> Result<Vec<f32>> {
+        self.vae.write(self.image, images)?;
+        self.vae.write(self.vae_key, &key)?;
+        self.vae.step()?;
+        self.vae.read_blocking(self.latents)
+    }
+
+    /// Run the text encoder now on token ids.
+    fn text_now(&mut self, ids: &[f32]) -> Result<Vec<f32>> {
+        self.clip.write(self.input_ids, ids)?;
+        self.clip.step()?;
+        self.clip.read_blocking(self.hidden)
+    }
+
+    /// Both encoders on one micro-batch: (latents, text states).
+    fn encode(
+        &mut self,
+        p: &PipelineDir,
+        images: &[f32],
+        captions: &[String],
+        key: [f32; 4],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let prompts: Vec<&str> = captions.iter().map(String::as_str).collect();
+        Ok((
+            self.latents_now(images, key)?,
+            self.text_now(&p.token_ids(&prompts)?)?,
+        ))
+    }
+}
+
 /// `data.cache_latents` / `data.cache_text_embeddings`: the caches and the
 /// batch-of-one encoders that fill them on a miss.
 struct Caches {
@@ -198,10 +234,7 @@ impl Caches {
                 Some(v) => v,
                 None => {
                     let counter = u64::from_le_bytes(key.as_bytes()[..8].try_into().unwrap());
-                    one.vae.write(one.image, image)?;
-                    one.vae.write(one.vae_key, &rng_key(seed, counter))?;
-                    one.vae.step()?;
-                    let v = one.vae.read_blocking(one.latents)?;
+                    let v = one.latents_now(image, rng_key(seed, counter))?;
                     cache.put(&key, &shape[1..], v.clone())?;
                     v
                 }
@@ -224,9 +257,7 @@ impl Caches {
             let v = match cache.get(&key, shape.iter().product()) {
                 Some(v) => v,
                 None => {
-                    one.clip.write(one.input_ids, row)?;
-                    one.clip.step()?;
-                    let v = one.clip.read_blocking(one.hidden)?;
+                    let v = one.text_now(row)?;
                     cache.put(&key, &shape[1..], v.clone())?;
                     v
                 }
@@ -360,6 +391,21 @@ pub fn train(
     } = step_graph;
     let mut s = Session::new(gpu, Arc::new(graph), spec)?;
     s.write(alphas_cumprod, &schedule.alphas_cumprod())?;
+    let mut heldout = match t.heldout_loss_steps {
+        0 => None,
+        _ => Some(HeldOut::new(
+            gpu,
+            &unet,
+            shape,
+            &opts,
+            &dataset,
+            t.heldout_examples,
+            seed,
+            &schedule.alphas_cumprod(),
+            &s,
+            &mut |images, captions, key| frozen.encode(&pipeline, images, captions, key),
+        )?),
+    };
 
     // Fresh weights or a checkpoint.
     let mut state = TrainerState {
@@ -522,6 +568,15 @@ pub fn train(
             elapsed_s: state.elapsed_s,
             loss_scale: scale_used,
             skipped_steps: scaler.as_ref().map(|v| v[2] as u64),
+            heldout_loss: match &mut heldout {
+                Some(h)
+                    if state.global_step.is_multiple_of(t.heldout_loss_steps)
+                        || state.global_step == total =>
+                {
+                    Some(h.loss(&s)?)
+                }
+                _ => None,
+            },
         };
         // fp16 skips a step whose values overflowed; elsewhere a
         // non-finite loss means divergence.
