@@ -66,6 +66,10 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// A whole training step with AdamW (noise, add_noise, DREAM's extra pass when on,
+    /// forward, MSE, backward, clipping, AdamW): median and first step time, images/s,
+    /// GFLOP/s, dispatches, submissions and peak buffer memory.
+    Train(cli::bench::TrainBenchArgs),
     /// Microbenchmarks of the core ops (matmul, conv2d, group norm, attention) in f32/f16/bf16.
     Ops {
         /// Only cases whose name contains this text (e.g. "conv").
@@ -127,6 +131,9 @@ fn main() -> Result<()> {
                     profile,
                 },
         } => cli::bench::bench_ops(&choice, filter, iters, profile),
+        Command::Bench {
+            what: BenchWhat::Train(args),
+        } => cli::bench::bench_train(&choice, args),
         Command::Bench {
             what:
                 BenchWhat::Unet {

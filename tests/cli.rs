@@ -421,3 +421,48 @@ fn dream_report_writes_a_table_and_a_plot() {
     assert_eq!(log.matches("heldout_loss").count(), 2, "{log}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn bench_train_reports_a_whole_step_as_json() {
+    let (ok, out, err) = difftrain(&[
+        "bench",
+        "train",
+        "--preset",
+        "builtin",
+        "--batch",
+        "2",
+        "--latent",
+        "8",
+        "--text-len",
+        "8",
+        "--iters",
+        "1",
+        "--dream",
+        "--json",
+    ]);
+    assert!(ok, "bench train failed: {err}");
+    let cases: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(cases.len(), 2, "plain and DREAM:\n{out}");
+    for (c, dream) in cases.iter().zip([false, true]) {
+        for k in [
+            "median_ms",
+            "first_ms",
+            "images_per_s",
+            "gflops",
+            "dispatches",
+            "peak_bytes",
+            "adapter",
+        ] {
+            assert!(c.get(k).is_some(), "{k} missing from {c}");
+        }
+        assert_eq!(c["dream"], dream);
+        assert_eq!(c["submissions"], 1, "one submission per step: {c}");
+        assert!(c["median_ms"].as_f64().unwrap() > 0.0 && c["gflops"].as_f64().unwrap() > 0.0);
+    }
+    // DREAM's extra UNet pass: more dispatches and more FLOPs per step.
+    assert!(cases[1]["dispatches"].as_u64() > cases[0]["dispatches"].as_u64());
+    assert!(cases[1]["step_gflop"].as_f64() > cases[0]["step_gflop"].as_f64());
+}

@@ -114,3 +114,132 @@ fn run_cases(
     }
     Ok(())
 }
+
+/// `bench train`'s options.
+#[derive(clap::Args)]
+pub struct TrainBenchArgs {
+    /// UNet2DConditionModel config.json (instead of --preset).
+    #[arg(long, conflicts_with = "preset")]
+    config: Option<std::path::PathBuf>,
+    /// A built-in UNet config: builtin (the demo's), small (32/64 channels, 2 layers, heads
+    /// 2/4, 32-wide text states) or sd15. Default: small.
+    #[arg(long)]
+    preset: Option<String>,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Latent height and width (image size / 8).
+    #[arg(long, default_value_t = 16)]
+    latent: usize,
+    /// Text tokens (the text states are random, the UNet's cross_attention_dim wide).
+    #[arg(long, default_value_t = 77)]
+    text_len: usize,
+    /// Activation precisions, comma separated: fp32, fp16, bf16 (fp16 with loss scaling).
+    #[arg(long, value_delimiter = ',', default_value = "fp32")]
+    precision: Vec<String>,
+    /// Also time the step with DREAM (its extra no-grad UNet pass).
+    #[arg(long)]
+    dream: bool,
+    /// Timed steps after the first (cold) step and one more warm-up step; the median is
+    /// reported.
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// One JSON object per case on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `bench train`: a case per precision (and with `--dream`, each also with DREAM).
+pub fn bench_train(choice: &AdapterChoice, a: TrainBenchArgs) -> Result<()> {
+    use difftrain::train::bench::{bench_train_step, preset_config, TrainBench};
+    if a.iters == 0 || a.batch == 0 || a.latent == 0 || a.text_len == 0 {
+        bail!("--iters, --batch, --latent and --text-len must be at least 1");
+    }
+    let (name, config) = match &a.config {
+        Some(path) => (
+            path.file_stem()
+                .map_or("unet".into(), |s| s.to_string_lossy().into_owned()),
+            path.clone(),
+        ),
+        None => {
+            let preset = a.preset.clone().unwrap_or_else(|| "small".into());
+            let path = preset_config(&preset)?;
+            (preset, path)
+        }
+    };
+    let gpu = Gpu::new_blocking(choice)?;
+    if !a.json {
+        println!(
+            "adapter: {} ({:?}, {})",
+            gpu.info.name, gpu.info.backend, gpu.info.driver
+        );
+    }
+    let mut results = Vec::new();
+    for p in &a.precision {
+        let dtype = match p.as_str() {
+            "fp32" => difftrain::DType::F32,
+            "fp16" => difftrain::DType::F16,
+            "bf16" => difftrain::DType::BF16,
+            other => bail!("--precision: '{other}' is not one of fp32, fp16, bf16"),
+        };
+        for dream in if a.dream {
+            vec![false, true]
+        } else {
+            vec![false]
+        } {
+            let case = TrainBench {
+                name: name.clone(),
+                batch: a.batch,
+                latent: a.latent,
+                text_len: a.text_len,
+                dtype,
+                dream,
+                iters: a.iters,
+            };
+            let r = bench_train_step(&gpu, &config, &case)
+                .with_context(|| format!("train step of {name} in {p}"))?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                eprintln!(
+                    "{name} {p}{}: {:.1} ms",
+                    if dream { " DREAM" } else { "" },
+                    r.median_ms
+                );
+            }
+            results.push(r);
+        }
+    }
+    if !a.json {
+        println!(
+            "{:<10} {:<18} {:<5} {:<5} {:>10} {:>10} {:>9} {:>12} {:>6} {:>5} {:>10}",
+            "unet",
+            "shape",
+            "prec",
+            "DREAM",
+            "median ms",
+            "first ms",
+            "img/s",
+            "GFLOP/s",
+            "disp",
+            "subm",
+            "peak MiB"
+        );
+        for r in &results {
+            println!(
+                "{:<10} {:<18} {:<5} {:<5} {:>10.1} {:>10.1} {:>9.1} {:>12.1} {:>6} {:>5} {:>10.1}",
+                r.name,
+                format!("B{} {}x{} S{}", r.batch, r.latent, r.latent, r.text_len),
+                r.precision,
+                if r.dream { "on" } else { "off" },
+                r.median_ms,
+                r.first_ms,
+                r.images_per_s,
+                r.gflops,
+                r.dispatches,
+                r.submissions,
+                r.peak_bytes as f64 / (1 << 20) as f64
+            );
+        }
+    }
+    Ok(())
+}

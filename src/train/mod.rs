@@ -2,6 +2,7 @@
 //! backward, clipping, AdamW) as one graph, and around it the config, data,
 //! learning-rate schedule, checkpoints and the loop.
 
+pub mod bench;
 pub mod builtin;
 pub mod cache;
 pub mod checkpoint;
