@@ -10,6 +10,7 @@ pub mod config;
 pub mod data;
 pub mod dream_report;
 pub mod ema;
+mod encoders;
 pub mod heldout;
 pub mod lr;
 pub mod plot;

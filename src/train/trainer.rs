@@ -9,20 +9,19 @@
 //! and gradient norm are read back after the step, for the log. What the
 //! caller shows (progress bar, page) comes through [`Event`]s.
 
-use super::cache::{component_identity, EncoderCache};
 use super::checkpoint::{self, TrainerState};
 use super::config::{Config, Precision, ValidationScheduler};
 use super::data::{batches_per_epoch, Dataset, Loader, Position};
+use super::encoders::{Caches, Encoders};
 use super::heldout::HeldOut;
 use super::single_step::{adamw, noise_schedule, step_options};
 use super::step::{StepShape, TrainStep};
-use crate::dtype::DType;
 use crate::error::{file_err, Error, Result};
-use crate::graph::{Graph, Session, TensorId};
+use crate::graph::Session;
 use crate::models::init::Component;
 use crate::models::weights::{init_params, load_params, read_component_weights, write_params};
 use crate::models::{PipelineDir, UNet};
-use crate::ops::diffusion::{rng_key, stream};
+use crate::ops::diffusion::rng_key;
 use crate::ops::optim::{ADAMW_CLIP, EMA_ONE_MINUS_DECAY, GRAD_SCALER};
 use crate::sample::schedule::SamplerKind;
 use crate::sample::{pipeline_sampler, sample, write_grid, SampleRequest};
@@ -91,197 +90,6 @@ pub struct Summary {
     pub output_dir: PathBuf,
     /// Stopped by a stop request before `max_train_steps`.
     pub interrupted: bool,
-}
-
-/// The frozen encoders of one micro-batch shape, each a no-grad session.
-struct Encoders {
-    vae: Session,
-    image: TensorId,
-    vae_key: TensorId,
-    latents: TensorId,
-    clip: Session,
-    input_ids: TensorId,
-    hidden: TensorId,
-}
-
-impl Encoders {
-    /// The encoders with weights and activations in `dtype`; the latents
-    /// come out in f32, the text states in `dtype`.
-    fn new(
-        gpu: &Gpu,
-        p: &PipelineDir,
-        batch: usize,
-        resolution: usize,
-        dtype: DType,
-    ) -> Result<Encoders> {
-        // VAE: image -> (mean + exp(logvar / 2) * noise) * scaling_factor.
-        let f = p.vae.downscale();
-        let mut g = Graph::new();
-        g.set_frozen_dtype(dtype);
-        let image = g.input("image", &[batch, 3, resolution, resolution], DType::F32);
-        let vae_key = g.input("rng_key", &[4], DType::F32);
-        let c = p.vae.config.latent_channels;
-        let shape = [batch, c, resolution / f, resolution / f];
-        let noise = g.random_normal(vae_key, &shape, stream::LATENT, 0.0)?;
-        let x = g.cast(image, dtype);
-        let latents = p.vae.encode_latents(&mut g, x, noise)?;
-        let vae = p.session(gpu, g, vec![latents], Component::Vae)?;
-        // CLIP: input ids -> last hidden state.
-        let (clip, input_ids, hidden) = p.text_encoder_session(gpu, batch, dtype)?;
-        Ok(Encoders {
-            vae,
-            image,
-            vae_key,
-            latents,
-            clip,
-            input_ids,
-            hidden,
-        })
-    }
-}
-
-impl Encoders {
-    /// Run the VAE now: the latents of `images`, the sample drawn with `key`.
-    fn latents_now(&mut self, images: &[f32], key: [f32; 4]) -> Result<Vec<f32>> {
-        self.vae.write(self.image, images)?;
-        self.vae.write(self.vae_key, &key)?;
-        self.vae.step()?;
-        self.vae.read_blocking(self.latents)
-    }
-
-    /// Run the text encoder now on token ids.
-    fn text_now(&mut self, ids: &[f32]) -> Result<Vec<f32>> {
-        self.clip.write(self.input_ids, ids)?;
-        self.clip.step()?;
-        self.clip.read_blocking(self.hidden)
-    }
-
-    /// Both encoders on one micro-batch: (latents, text states).
-    fn encode(
-        &mut self,
-        p: &PipelineDir,
-        images: &[f32],
-        captions: &[String],
-        key: [f32; 4],
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let prompts: Vec<&str> = captions.iter().map(String::as_str).collect();
-        Ok((
-            self.latents_now(images, key)?,
-            self.text_now(&p.token_ids(&prompts)?)?,
-        ))
-    }
-}
-
-/// `data.cache_latents` / `data.cache_text_embeddings`: the caches and the
-/// batch-of-one encoders that fill them on a miss.
-struct Caches {
-    latents: Option<EncoderCache>,
-    text: Option<EncoderCache>,
-    one: Encoders,
-}
-
-impl Caches {
-    /// None when neither cache is on.
-    fn open(
-        gpu: &Gpu,
-        config: &Config,
-        p: &PipelineDir,
-        dtype: DType,
-        seed: u64,
-    ) -> Result<Option<Caches>> {
-        let d = &config.data;
-        if !d.cache_latents && !d.cache_text_embeddings {
-            return Ok(None);
-        }
-        let out = &config.train.output_dir;
-        let open = |on: bool, kind: &str, component: &str, settings: String| -> Result<_> {
-            on.then(|| {
-                let id = component_identity(&p.root.join(component))?;
-                EncoderCache::open(out, kind, &id, &settings)
-            })
-            .transpose()
-        };
-        Ok(Some(Caches {
-            latents: open(
-                d.cache_latents,
-                "latents",
-                "vae",
-                format!("{dtype} seed {seed}"),
-            )?,
-            text: open(
-                d.cache_text_embeddings,
-                "text",
-                "text_encoder",
-                dtype.to_string(),
-            )?,
-            one: Encoders::new(gpu, p, 1, d.resolution, dtype)?,
-        }))
-    }
-
-    /// The latents of `images` (`[B, 3, H, W]`): cached, or encoded once
-    /// with the latent sample keyed by the entry (not by the step).
-    fn latents(&mut self, images: &[f32], batch: usize, seed: u64) -> Result<Option<Vec<f32>>> {
-        let Some(cache) = &mut self.latents else {
-            return Ok(None);
-        };
-        let one = &mut self.one;
-        let shape = one.vae.graph.shape(one.latents).to_vec();
-        let mut out = Vec::new();
-        for image in images.chunks(images.len() / batch) {
-            let key = cache.key(image);
-            let numel = shape.iter().product();
-            let v = match cache.get(&key, numel) {
-                Some(v) => v,
-                None => {
-                    let counter = u64::from_le_bytes(key.as_bytes()[..8].try_into().unwrap());
-                    let v = one.latents_now(image, rng_key(seed, counter))?;
-                    cache.put(&key, &shape[1..], v.clone())?;
-                    v
-                }
-            };
-            out.extend(v);
-        }
-        Ok(Some(out))
-    }
-
-    /// The text states of the token ids `ids` (`[B, S]`): cached or encoded.
-    fn text(&mut self, ids: &[f32], batch: usize) -> Result<Option<Vec<f32>>> {
-        let Some(cache) = &mut self.text else {
-            return Ok(None);
-        };
-        let one = &mut self.one;
-        let shape = one.clip.graph.shape(one.hidden).to_vec();
-        let mut out = Vec::new();
-        for row in ids.chunks(ids.len() / batch) {
-            let key = cache.key(row);
-            let v = match cache.get(&key, shape.iter().product()) {
-                Some(v) => v,
-                None => {
-                    let v = one.text_now(row)?;
-                    cache.put(&key, &shape[1..], v.clone())?;
-                    v
-                }
-            };
-            out.extend(v);
-        }
-        Ok(Some(out))
-    }
-
-    /// "cache: latents 12 encoded, 36 reused; ..." for the end of a run.
-    fn summary(&self) -> String {
-        let line = |name: &str, c: &Option<EncoderCache>| {
-            c.as_ref()
-                .map(|c| format!("{name} {} encoded, {} reused", c.misses, c.hits))
-        };
-        let parts: Vec<String> = [
-            line("latents", &self.latents),
-            line("text states", &self.text),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        format!("cache: {}", parts.join("; "))
-    }
 }
 
 /// The model to train: a local pipeline folder or the built-in one, and
@@ -508,34 +316,14 @@ pub fn train(
                 seed,
                 state.micro_step,
             )?;
-            let (cached_latents, cached_text) = match &mut caches {
+            let cached = match &mut caches {
                 Some(c) => (c.latents(&b.images, batch, seed)?, c.text(&ids, batch)?),
                 None => (None, None),
             };
             let mut cmd = gpu.encoder("train step");
-            match cached_latents {
-                Some(v) => s.write(latents, &v)?,
-                None => {
-                    frozen.vae.write(frozen.image, &b.images)?;
-                    frozen
-                        .vae
-                        .write(frozen.vae_key, &rng_key(seed, state.micro_step))?;
-                    frozen.vae.record_step(&mut cmd, false)?;
-                    frozen
-                        .vae
-                        .record_copy(&mut cmd, frozen.latents, &s, latents)?;
-                }
-            }
-            match cached_text {
-                Some(v) => s.write(context, &v)?,
-                None => {
-                    frozen.clip.write(frozen.input_ids, &ids)?;
-                    frozen.clip.record_step(&mut cmd, false)?;
-                    frozen
-                        .clip
-                        .record_copy(&mut cmd, frozen.hidden, &s, context)?;
-                }
-            }
+            let vae_key = rng_key(seed, state.micro_step);
+            let inputs = (latents, context);
+            frozen.record(&mut cmd, &s, inputs, &b.images, &ids, vae_key, cached)?;
             s.write(key, &rng_key(seed, state.micro_step))?;
             if let Some(ema) = &ema {
                 let decay = ema.decay_at(state.global_step + 1);
