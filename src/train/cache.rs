@@ -105,6 +105,32 @@ impl EncoderCache {
         std::fs::rename(&tmp, &path).map_err(|e| file_err(&path, e.to_string()))
     }
 
+    /// The outputs of `batch` encoder inputs laid end to end in `inputs`,
+    /// each `shape` (one row of the output, without the batch dim): read
+    /// from the cache, or made by `encode(input, key)` and stored.
+    pub fn outputs(
+        &mut self,
+        inputs: &[f32],
+        batch: usize,
+        shape: &[usize],
+        mut encode: impl FnMut(&[f32], &blake3::Hash) -> Result<Vec<f32>>,
+    ) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        for input in inputs.chunks(inputs.len() / batch) {
+            let key = self.key(input);
+            let v = match self.get(&key, shape.iter().product()) {
+                Some(v) => v,
+                None => {
+                    let v = encode(input, &key)?;
+                    self.put(&key, shape, v.clone())?;
+                    v
+                }
+            };
+            out.extend(v);
+        }
+        Ok(out)
+    }
+
     /// Entries on disk.
     pub fn len(&self) -> usize {
         std::fs::read_dir(&self.dir)

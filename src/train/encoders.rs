@@ -178,49 +178,24 @@ impl Caches {
         batch: usize,
         seed: u64,
     ) -> Result<Option<Vec<f32>>> {
-        let Some(cache) = &mut self.latents else {
+        let (Some(cache), one) = (&mut self.latents, &mut self.one) else {
             return Ok(None);
         };
-        let one = &mut self.one;
-        let shape = one.vae.graph.shape(one.latents).to_vec();
-        let mut out = Vec::new();
-        for image in images.chunks(images.len() / batch) {
-            let key = cache.key(image);
-            let numel = shape.iter().product();
-            let v = match cache.get(&key, numel) {
-                Some(v) => v,
-                None => {
-                    let counter = u64::from_le_bytes(key.as_bytes()[..8].try_into().unwrap());
-                    let v = one.latents_now(image, rng_key(seed, counter))?;
-                    cache.put(&key, &shape[1..], v.clone())?;
-                    v
-                }
-            };
-            out.extend(v);
-        }
+        let shape = one.vae.graph.shape(one.latents)[1..].to_vec();
+        let out = cache.outputs(images, batch, &shape, |image, key| {
+            let counter = u64::from_le_bytes(key.as_bytes()[..8].try_into().unwrap());
+            one.latents_now(image, rng_key(seed, counter))
+        })?;
         Ok(Some(out))
     }
 
     /// The text states of the token ids `ids` (`[B, S]`): cached or encoded.
     pub(crate) fn text(&mut self, ids: &[f32], batch: usize) -> Result<Option<Vec<f32>>> {
-        let Some(cache) = &mut self.text else {
+        let (Some(cache), one) = (&mut self.text, &mut self.one) else {
             return Ok(None);
         };
-        let one = &mut self.one;
-        let shape = one.clip.graph.shape(one.hidden).to_vec();
-        let mut out = Vec::new();
-        for row in ids.chunks(ids.len() / batch) {
-            let key = cache.key(row);
-            let v = match cache.get(&key, shape.iter().product()) {
-                Some(v) => v,
-                None => {
-                    let v = one.text_now(row)?;
-                    cache.put(&key, &shape[1..], v.clone())?;
-                    v
-                }
-            };
-            out.extend(v);
-        }
+        let shape = one.clip.graph.shape(one.hidden)[1..].to_vec();
+        let out = cache.outputs(ids, batch, &shape, |row, _| one.text_now(row))?;
         Ok(Some(out))
     }
 
