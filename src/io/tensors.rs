@@ -248,8 +248,31 @@ impl safetensors::View for Encoded<'_> {
 /// weights next to the file's bytes.
 pub struct WeightFile {
     pub path: PathBuf,
-    bytes: Vec<u8>,
+    bytes: FileBytes,
     entries: BTreeMap<String, Entry>,
+}
+
+/// A file's bytes: memory-mapped on native targets, so that decoding a
+/// tensor reads its pages from the page cache and the weights are never
+/// copied whole into the heap; read whole on wasm (no mapping there).
+#[cfg(not(target_arch = "wasm32"))]
+type FileBytes = memmap2::Mmap;
+#[cfg(target_arch = "wasm32")]
+type FileBytes = Vec<u8>;
+
+fn file_bytes(path: &Path) -> Result<FileBytes> {
+    let err = |e: std::io::Error| file_err(path, format!("cannot read: {e}"));
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let file = std::fs::File::open(path).map_err(err)?;
+        // Safety: the mapping is only read. A file changed by another
+        // process while mapped may show its new contents (as a read racing
+        // the write would); difftrain never writes a file it has mapped:
+        // checkpoints and pipelines are written to a temporary and renamed.
+        unsafe { memmap2::Mmap::map(&file) }.map_err(err)
+    }
+    #[cfg(target_arch = "wasm32")]
+    std::fs::read(path).map_err(err)
 }
 
 /// Where one tensor lies in a [`WeightFile`].
@@ -290,7 +313,7 @@ fn truncated_tensor(bytes: &[u8]) -> Option<String> {
 
 impl WeightFile {
     pub fn read(path: &Path) -> Result<WeightFile> {
-        let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+        let bytes = file_bytes(path)?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| match truncated_tensor(&bytes) {
             Some(msg) => file_err(path, msg),
             None => file_err(
@@ -334,9 +357,23 @@ impl WeightFile {
         self.entries.get(name).map(|e| &e.shape[..])
     }
 
-    /// The values of tensor `name` as f32.
+    /// The values of tensor `name` as f32. On Unix the tensor's pages of
+    /// the mapping are released once decoded: loading a model then holds
+    /// about one tensor of the file in memory at a time, not all of it.
     pub fn decode(&self, name: &str) -> Option<Vec<f32>> {
-        Some(self.entries.get(name)?.decode(&self.bytes))
+        let e = self.entries.get(name)?;
+        let values = e.decode(&self.bytes);
+        #[cfg(unix)]
+        // Safety: a read-only, shared mapping of a file: dropped pages are
+        // read from the file again if touched, and no borrow of them lives on.
+        unsafe {
+            let _ = self.bytes.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                e.range.start,
+                e.range.len(),
+            );
+        }
+        Some(values)
     }
 
     /// Give tensor `from` the name `to` and, when given, another shape of
