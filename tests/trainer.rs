@@ -82,6 +82,33 @@ fn resume_is_bit_identical_with_ema_and_cached_encoders() {
     );
 }
 
+/// A run started in fp32 resumes in fp16 (the loss scaler starts fresh)
+/// and back in fp32.
+#[test]
+fn a_run_can_switch_precision_when_resumed() {
+    let out = scratch("switch-precision");
+    let s = run(
+        &tiny(
+            &out,
+            &["train.checkpointing_steps=1", "train.max_train_steps=1"],
+        ),
+        None,
+    );
+    assert_eq!(s.unwrap().steps, 1);
+    for (precision, steps) in [("fp16", 2), ("fp32", 3)] {
+        let sets = [
+            "train.checkpointing_steps=1",
+            "train.resume_from=latest",
+            &format!("train.precision={precision:?}"),
+            &format!("train.max_train_steps={steps}"),
+        ];
+        let s = run(&tiny(&out, &sets), None).unwrap();
+        assert_eq!((s.steps, s.steps_this_run), (steps, 1), "{precision}");
+        assert!(s.last_loss.unwrap().is_finite());
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 /// The encoder caches are keyed by what the encoders see: a changed image
 /// or resolution is encoded again, an unchanged one is reused.
 #[test]

@@ -192,6 +192,10 @@ pub fn load(dir: &Path, session: &Session, unet: &UNet) -> Result<TrainerState> 
             session.write_state(&label, &values)?;
             continue;
         }
+        if label == GRAD_SCALER && opt.get(&label).is_err() {
+            // A run switched to fp16 at this resume: the scaler starts fresh.
+            continue;
+        }
         let t = opt.get(&label)?;
         session
             .write_state(&label, &t.values)
