@@ -156,7 +156,7 @@ pub fn emit_ema(e: &mut Emit, params: &[TensorId]) {
 
 #[cfg(test)]
 mod tests {
-    use crate::graph::{AdamW, Graph, RunSpec, Session};
+    use crate::graph::{AdamW, Graph, RunSpec, Session, TensorId};
     use crate::ops::testing::{gpu, random};
     use crate::DType;
     use std::sync::Arc;
@@ -179,6 +179,24 @@ mod tests {
         }
     }
 
+    /// A session of loss = mean((w - target)^2) over n values with `opt`:
+    /// (session, [w, target, backward seed]).
+    fn mse_session(n: usize, opt: &AdamW) -> (Session, [TensorId; 3]) {
+        let mut g = Graph::new();
+        let w = g.param("w", &[n]);
+        let target = g.input("target", &[n], DType::F32);
+        let loss = g.mse_loss(w, target).unwrap();
+        let seed = g.input("seed", &[1], DType::F32);
+        let spec = RunSpec {
+            outputs: vec![loss],
+            seeds: vec![(loss, seed)],
+            optimizer: Some(opt.clone()),
+            ..Default::default()
+        };
+        let s = Session::new(gpu(), Arc::new(g), spec).unwrap();
+        (s, [w, target, seed])
+    }
+
     #[test]
     fn adamw_with_clipping_matches_torch_formula() {
         // loss = mean((w - target)^2): grad = 2 (w - target) / n, clipped to norm 0.05.
@@ -191,18 +209,7 @@ mod tests {
                 max_grad_norm,
                 ..Default::default()
             };
-            let mut g = Graph::new();
-            let w = g.param("w", &[n]);
-            let target = g.input("target", &[n], DType::F32);
-            let loss = g.mse_loss(w, target).unwrap();
-            let seed = g.input("seed", &[1], DType::F32);
-            let spec = RunSpec {
-                outputs: vec![loss],
-                seeds: vec![(loss, seed)],
-                optimizer: Some(opt.clone()),
-                ..Default::default()
-            };
-            let mut s = Session::new(gpu(), Arc::new(g), spec).unwrap();
+            let (mut s, [w, target, seed]) = mse_session(n, &opt);
             let w0 = random(n, 1);
             let t0 = random(n, 2);
             s.write(w, &w0).unwrap();
@@ -247,18 +254,7 @@ mod tests {
             loss_scaling: Some(scaling.clone()),
             ..Default::default()
         };
-        let mut g = Graph::new();
-        let w = g.param("w", &[n]);
-        let target = g.input("target", &[n], DType::F32);
-        let loss = g.mse_loss(w, target).unwrap();
-        let seed = g.input("seed", &[1], DType::F32);
-        let spec = RunSpec {
-            outputs: vec![loss],
-            seeds: vec![(loss, seed)],
-            optimizer: Some(opt.clone()),
-            ..Default::default()
-        };
-        let mut s = Session::new(gpu(), Arc::new(g), spec).unwrap();
+        let (mut s, [w, target, seed]) = mse_session(n, &opt);
         let w0 = random(n, 1);
         let t0 = random(n, 2);
         s.write(w, &w0).unwrap();
