@@ -251,10 +251,17 @@ pub struct ProfileRow {
 /// timestamps in its own pass; the median per dispatch is kept).
 pub fn profile_case(gpu: &Gpu, case: &BenchCase, iters: usize) -> Result<Vec<ProfileRow>> {
     let mut s = session_for(gpu, case)?;
+    profile_session(&mut s, iters)
+}
+
+/// Where the GPU time of a step of session `s` goes, per kernel, largest
+/// first: 2 warm-up steps, then `iters` profiled steps (each dispatch timed
+/// with GPU timestamps in its own pass; the median per dispatch is kept).
+pub fn profile_session(s: &mut Session, iters: usize) -> Result<Vec<ProfileRow>> {
     for _ in 0..2 {
         s.step()?;
     }
-    gpu.wait()?;
+    s.gpu.wait()?;
     let runs: Vec<Vec<f64>> = (0..iters.max(1))
         .map(|_| s.profile_step())
         .collect::<Result<_>>()?;

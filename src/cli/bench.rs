@@ -146,6 +146,9 @@ pub struct TrainBenchArgs {
     /// One JSON object per case on stdout instead of a table.
     #[arg(long)]
     json: bool,
+    /// Then profile each case: GPU time per kernel (needs timestamp queries).
+    #[arg(long, conflicts_with = "json")]
+    profile: bool,
 }
 
 /// `bench train`: a case per precision (and with `--dream`, each also with DREAM).
@@ -174,6 +177,7 @@ pub fn bench_train(choice: &AdapterChoice, a: TrainBenchArgs) -> Result<()> {
         );
     }
     let mut results = Vec::new();
+    let mut cases = Vec::new();
     for p in &a.precision {
         let dtype = match p.as_str() {
             "fp32" => difftrain::DType::F32,
@@ -197,6 +201,7 @@ pub fn bench_train(choice: &AdapterChoice, a: TrainBenchArgs) -> Result<()> {
             };
             let r = bench_train_step(&gpu, &config, &case)
                 .with_context(|| format!("train step of {name} in {p}"))?;
+            cases.push(case);
             if a.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -239,6 +244,25 @@ pub fn bench_train(choice: &AdapterChoice, a: TrainBenchArgs) -> Result<()> {
                 r.submissions,
                 r.peak_bytes as f64 / (1 << 20) as f64
             );
+        }
+    }
+    if a.profile {
+        let gpu = Gpu::new_blocking(&AdapterChoice {
+            timestamps: true,
+            ..choice.clone()
+        })?;
+        for case in &cases {
+            let rows = difftrain::train::bench::profile_train_step(&gpu, &config, case)
+                .with_context(|| format!("profiling the train step of {name}"))?;
+            println!(
+                "\nprofile: {name} B{} {}x{} {}{}",
+                case.batch,
+                case.latent,
+                case.latent,
+                case.dtype,
+                if case.dream { " DREAM" } else { "" }
+            );
+            print!("{}", difftrain::bench::profile_table(&rows));
         }
     }
     Ok(())

@@ -124,14 +124,15 @@ impl Gpu {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
     }
 
-    /// Write bytes at the start of `buffer`, padded to the 4-byte copy alignment.
-    pub fn write(&self, buffer: &wgpu::Buffer, bytes: &[u8]) {
+    /// Write bytes at byte `offset` (a multiple of 4) of `buffer`, padded to
+    /// the 4-byte copy alignment.
+    pub fn write(&self, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) {
         if bytes.len().is_multiple_of(4) {
-            self.queue.write_buffer(buffer, 0, bytes);
+            self.queue.write_buffer(buffer, offset, bytes);
         } else {
             let mut padded = bytes.to_vec();
             padded.resize(bytes.len().next_multiple_of(4), 0);
-            self.queue.write_buffer(buffer, 0, &padded);
+            self.queue.write_buffer(buffer, offset, &padded);
         }
     }
 

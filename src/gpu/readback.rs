@@ -4,8 +4,13 @@
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 
-/// Copy `bytes` bytes from the start of `src` to the host.
-pub async fn read_buffer(gpu: &Gpu, src: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+/// Copy `bytes` bytes from byte `offset` (a multiple of 4) of `src` to the host.
+pub async fn read_buffer(
+    gpu: &Gpu,
+    src: &wgpu::Buffer,
+    offset: u64,
+    bytes: u64,
+) -> Result<Vec<u8>> {
     let size = bytes.next_multiple_of(4).max(4);
     let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("readback"),
@@ -18,7 +23,7 @@ pub async fn read_buffer(gpu: &Gpu, src: &wgpu::Buffer, bytes: u64) -> Result<Ve
         .create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("readback"),
         });
-    enc.copy_buffer_to_buffer(src, 0, &staging, 0, size);
+    enc.copy_buffer_to_buffer(src, offset, &staging, 0, size);
     gpu.queue.submit([enc.finish()]);
     let (tx, rx) = futures_channel::oneshot::channel();
     staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
@@ -41,6 +46,11 @@ pub async fn read_buffer(gpu: &Gpu, src: &wgpu::Buffer, bytes: u64) -> Result<Ve
 
 /// Blocking [`read_buffer`].
 #[cfg(not(target_arch = "wasm32"))]
-pub fn read_buffer_blocking(gpu: &Gpu, src: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
-    pollster::block_on(read_buffer(gpu, src, bytes))
+pub fn read_buffer_blocking(
+    gpu: &Gpu,
+    src: &wgpu::Buffer,
+    offset: u64,
+    bytes: u64,
+) -> Result<Vec<u8>> {
+    pollster::block_on(read_buffer(gpu, src, offset, bytes))
 }

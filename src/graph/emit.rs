@@ -125,6 +125,15 @@ pub struct ExtraDesc {
     pub dtype: DType,
 }
 
+/// A persistent storage that lives inside another (an arena) from element
+/// `first` on, so that one dispatch over the arena covers every member.
+#[derive(Clone, Copy, Debug)]
+pub struct Placement {
+    pub member: Slot,
+    pub arena: Slot,
+    pub first: usize,
+}
+
 /// How a backward kernel must write a gradient.
 #[derive(Clone, Copy, Debug)]
 pub struct GradTarget {
@@ -152,6 +161,7 @@ pub struct Emit<'g> {
     pub(super) kernels: Vec<Kernel>,
     pub(super) temps: Vec<ExtraDesc>,
     pub(super) persistents: Vec<ExtraDesc>,
+    pub(super) placements: Vec<Placement>,
     pub(super) node_name: String,
     /// During backward: which outputs of the current node have a gradient,
     /// and where each input's gradient goes.
@@ -167,6 +177,7 @@ impl<'g> Emit<'g> {
             kernels: Vec::new(),
             temps: Vec::new(),
             persistents: Vec::new(),
+            placements: Vec::new(),
             node_name: String::new(),
             grad_outs: Vec::new(),
             grad_ins: Vec::new(),
@@ -221,6 +232,23 @@ impl<'g> Emit<'g> {
             dtype,
         });
         Slot::Persistent(self.persistents.len() - 1)
+    }
+
+    /// Store the persistent `member` (a parameter, its gradient, optimizer
+    /// state) inside the persistent `arena` from element `first` on, which
+    /// must be a multiple of [`Emit::arena_align`]. Kernels may bind either.
+    pub fn place(&mut self, member: Slot, arena: Slot, first: usize) {
+        self.placements.push(Placement {
+            member,
+            arena,
+            first,
+        });
+    }
+
+    /// The element alignment of arena members of `dtype`: their storages
+    /// start at byte offsets a binding may use.
+    pub fn arena_align(&self, dtype: DType) -> usize {
+        self.caps.storage_offset_alignment.max(16) as usize / dtype.size_bytes()
     }
 
     /// Windows over a storage of `numel` elements of `dtype`, in order, each

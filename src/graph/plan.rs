@@ -2,7 +2,7 @@
 //! schedule derived in reverse, optimizer kernels, and buffers assigned to
 //! every slot by liveness.
 
-use super::emit::{Binding, Emit, ExtraDesc, GradTarget, Kernel, Slot, Window};
+use super::emit::{Binding, Emit, ExtraDesc, GradTarget, Kernel, Placement, Slot, Window};
 use super::{Graph, Role, TensorId};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -108,8 +108,10 @@ pub struct StorageDesc {
     /// First and last kernel index that binds it.
     pub first: usize,
     pub last: usize,
-    /// Index into `Plan::buffers`.
+    /// Index into `Plan::buffers`, and the byte offset in it (non-zero for
+    /// members of an arena).
     pub buffer: usize,
+    pub offset: u64,
 }
 
 impl StorageDesc {
@@ -120,7 +122,8 @@ impl StorageDesc {
             first: 0,
             numel: self.numel,
         });
-        self.dtype.window_bytes(w.first, w.numel)
+        let (offset, bytes) = self.dtype.window_bytes(w.first, w.numel);
+        (self.offset + offset, bytes)
     }
 }
 
@@ -247,14 +250,19 @@ impl Plan {
             }
         }
 
-        // 3. Optimizer.
+        // 3. Optimizer, over the trained parameters packed in arenas.
         let optimizer_start = e.kernels.len();
         let mut adamw_step = None;
+        let arenas = if spec.optimizer.is_some() || spec.ema {
+            crate::ops::optim::param_arenas(&mut e, &trained_params)
+        } else {
+            Vec::new()
+        };
         if let Some(opt) = &spec.optimizer {
             e.node_name = "adamw".into();
             adamw_step = Some(crate::ops::optim::emit_adamw(
                 &mut e,
-                &trained_params,
+                &arenas,
                 opt,
                 spec.accumulate_grads,
                 spec.seeds.first().map(|&(_, seed)| seed),
@@ -262,7 +270,7 @@ impl Plan {
         }
         if spec.ema {
             e.node_name = "ema".into();
-            crate::ops::optim::emit_ema(&mut e, &trained_params);
+            crate::ops::optim::emit_ema(&mut e, &arenas);
         }
 
         // 4. Slots -> storages.
@@ -275,6 +283,7 @@ impl Plan {
             kernels,
             temps,
             persistents,
+            placements,
             ..
         } = e;
         let extra = |d: &ExtraDesc, persistent: bool| StorageDesc {
@@ -285,55 +294,61 @@ impl Plan {
             first: usize::MAX,
             last: 0,
             buffer: 0,
+            offset: 0,
+        };
+        // The storage of a slot, created on first sight.
+        let mut storage_of = |slot: Slot, storages: &mut Vec<StorageDesc>| -> (usize, StorageKey) {
+            let key = match slot {
+                Slot::Value(t) => StorageKey::Value(root(t)),
+                Slot::Grad(t) => match grad_alias.get(&root(t)) {
+                    Some(&seed) => StorageKey::Value(seed),
+                    None => StorageKey::Grad(root(t)),
+                },
+                Slot::Temp(i) => StorageKey::Temp(i),
+                Slot::Persistent(i) => StorageKey::Persistent(i),
+            };
+            let sid = *by_key.entry(key).or_insert_with(|| {
+                storages.push(match key {
+                    StorageKey::Value(t) | StorageKey::Grad(t) => {
+                        let d = graph.desc(t);
+                        let is_grad = matches!(key, StorageKey::Grad(_));
+                        let persistent = match d.role {
+                            Role::Input { .. } => !is_grad || kept_grads.contains(&t),
+                            Role::Param { .. } => true,
+                            Role::Activation => {
+                                if is_grad {
+                                    kept_grads.contains(&t)
+                                } else {
+                                    outputs.contains(&t)
+                                }
+                            }
+                        };
+                        StorageDesc {
+                            label: if is_grad {
+                                format!("grad.{}", d.name)
+                            } else {
+                                d.name.clone()
+                            },
+                            numel: d.numel(),
+                            dtype: d.dtype,
+                            persistent,
+                            first: usize::MAX,
+                            last: 0,
+                            buffer: 0,
+                            offset: 0,
+                        }
+                    }
+                    StorageKey::Temp(i) => extra(&temps[i], false),
+                    StorageKey::Persistent(i) => extra(&persistents[i], true),
+                });
+                storages.len() - 1
+            });
+            (sid, key)
         };
         for (ki, k) in kernels.iter().enumerate() {
             for b in &k.bindings {
-                let slot = b.slot;
-                let key = match slot {
-                    Slot::Value(t) => StorageKey::Value(root(t)),
-                    Slot::Grad(t) => match grad_alias.get(&root(t)) {
-                        Some(&seed) => StorageKey::Value(seed),
-                        None => StorageKey::Grad(root(t)),
-                    },
-                    Slot::Temp(i) => StorageKey::Temp(i),
-                    Slot::Persistent(i) => StorageKey::Persistent(i),
-                };
-                let sid = *by_key.entry(key).or_insert_with(|| {
-                    storages.push(match key {
-                        StorageKey::Value(t) | StorageKey::Grad(t) => {
-                            let d = graph.desc(t);
-                            let is_grad = matches!(key, StorageKey::Grad(_));
-                            let persistent = match d.role {
-                                Role::Input { .. } => !is_grad || kept_grads.contains(&t),
-                                Role::Param { .. } => true,
-                                Role::Activation => {
-                                    if is_grad {
-                                        kept_grads.contains(&t)
-                                    } else {
-                                        outputs.contains(&t)
-                                    }
-                                }
-                            };
-                            StorageDesc {
-                                label: if is_grad {
-                                    format!("grad.{}", d.name)
-                                } else {
-                                    d.name.clone()
-                                },
-                                numel: d.numel(),
-                                dtype: d.dtype,
-                                persistent,
-                                first: usize::MAX,
-                                last: 0,
-                                buffer: 0,
-                            }
-                        }
-                        StorageKey::Temp(i) => extra(&temps[i], false),
-                        StorageKey::Persistent(i) => extra(&persistents[i], true),
-                    });
-                    storages.len() - 1
-                });
-                slot_storage.insert(normalize(graph, slot), sid);
+                let (sid, key) = storage_of(b.slot, &mut storages);
+                slot_storage.insert(normalize(graph, b.slot), sid);
                 if let StorageKey::Value(t) = key {
                     slot_storage.insert(Slot::Value(t), sid);
                 }
@@ -342,6 +357,14 @@ impl Plan {
                 s.last = s.last.max(ki);
                 check_binding(graph, caps, k, b, s)?;
             }
+        }
+        // Arena members, also those no kernel binds by themselves (optimizer
+        // state that checkpoints read by label): storage -> its placement.
+        let mut placed: HashMap<usize, Placement> = HashMap::new();
+        for pl in &placements {
+            let (sid, _) = storage_of(pl.member, &mut storages);
+            slot_storage.insert(normalize(graph, pl.member), sid);
+            placed.insert(sid, *pl);
         }
         // 5. Buffers: persistent storages get their own; the rest share a pool,
         // greedily by liveness (best fit, else grow the largest free buffer).
@@ -385,11 +408,34 @@ impl Plan {
             live.push(s);
         }
         stats.pooled_bytes = buffers.iter().map(|b| b.1).sum();
-        for s in storages.iter_mut().filter(|s| s.persistent) {
-            let bytes = s.dtype.buffer_bytes(s.numel);
-            stats.persistent_bytes += bytes;
-            buffers.push((s.label.clone(), bytes));
-            s.buffer = buffers.len() - 1;
+        for (sid, s) in storages.iter_mut().enumerate() {
+            if s.persistent && !placed.contains_key(&sid) {
+                let bytes = s.dtype.buffer_bytes(s.numel);
+                stats.persistent_bytes += bytes;
+                buffers.push((s.label.clone(), bytes));
+                s.buffer = buffers.len() - 1;
+            }
+        }
+        // Arena members share their arena's buffer, each at an aligned offset.
+        for (&sid, pl) in &placed {
+            let arena = storages[slot_storage[&pl.arena]].clone();
+            let s = &mut storages[sid];
+            let at = (pl.first * s.dtype.size_bytes()) as u64;
+            if !s.persistent
+                || s.dtype != arena.dtype
+                || pl.first + s.numel > arena.numel
+                || !at.is_multiple_of(caps.storage_offset_alignment.max(16))
+            {
+                return Err(Error::Tensor {
+                    name: s.label.clone(),
+                    msg: format!(
+                        "cannot be placed at element {} of arena '{}' ({} {} elements)",
+                        pl.first, arena.label, arena.numel, arena.dtype
+                    ),
+                });
+            }
+            s.buffer = arena.buffer;
+            s.offset = arena.offset + at;
         }
         stats.dispatches = kernels.len();
         stats.forward_flops = graph.forward_flops();

@@ -166,7 +166,8 @@ impl Session {
         &self.plan.stats
     }
 
-    fn buffer_of(&self, slot: Slot) -> Result<(&wgpu::Buffer, usize)> {
+    /// The buffer and storage of `slot`.
+    fn buffer_of(&self, slot: Slot) -> Result<(&wgpu::Buffer, &StorageDesc)> {
         let sid = self.plan.slot_storage.get(&normalize(&self.graph, slot)).ok_or_else(|| {
             let t = match slot {
                 Slot::Value(t) | Slot::Grad(t) => self.graph.desc(t).name.clone(),
@@ -178,7 +179,7 @@ impl Session {
             }
         })?;
         let s = &self.plan.storages[*sid];
-        Ok((&self.buffers[s.buffer], *sid))
+        Ok((&self.buffers[s.buffer], s))
     }
 
     /// Upload f32 values into a tensor, converting to its storage dtype.
@@ -195,8 +196,8 @@ impl Session {
                 ),
             });
         }
-        let (buf, _) = self.buffer_of(Slot::Value(t))?;
-        self.gpu.write(buf, &d.dtype.encode(values));
+        let (buf, s) = self.buffer_of(Slot::Value(t))?;
+        self.gpu.write(buf, s.offset, &d.dtype.encode(values));
         Ok(())
     }
 
@@ -211,8 +212,7 @@ impl Session {
     }
 
     async fn read_slot(&self, t: TensorId, slot: Slot) -> Result<Vec<f32>> {
-        let (buf, sid) = self.buffer_of(slot)?;
-        let s = &self.plan.storages[sid];
+        let (buf, s) = self.buffer_of(slot)?;
         if !s.persistent {
             return Err(Error::Tensor {
                 name: self.graph.desc(t).name.clone(),
@@ -224,7 +224,8 @@ impl Session {
 
     /// A persistent storage's values as f32.
     async fn read_storage(&self, buf: &wgpu::Buffer, s: &StorageDesc) -> Result<Vec<f32>> {
-        let raw = read_buffer(&self.gpu, buf, (s.numel * s.dtype.size_bytes()) as u64).await?;
+        let bytes = (s.numel * s.dtype.size_bytes()) as u64;
+        let raw = read_buffer(&self.gpu, buf, s.offset, bytes).await?;
         Ok(s.dtype.decode(&raw, s.numel))
     }
 
@@ -289,7 +290,7 @@ impl Session {
             });
         }
         self.gpu
-            .write(&self.buffers[s.buffer], &s.dtype.encode(values));
+            .write(&self.buffers[s.buffer], s.offset, &s.dtype.encode(values));
         Ok(())
     }
 
@@ -313,9 +314,15 @@ impl Session {
                 ),
             });
         }
-        let (from, _) = self.buffer_of(Slot::Value(src))?;
-        let (to, _) = other.buffer_of(Slot::Value(dst))?;
-        enc.copy_buffer_to_buffer(from, 0, to, 0, a.dtype.buffer_bytes(a.numel()));
+        let (from, s) = self.buffer_of(Slot::Value(src))?;
+        let (to, d) = other.buffer_of(Slot::Value(dst))?;
+        enc.copy_buffer_to_buffer(
+            from,
+            s.offset,
+            to,
+            d.offset,
+            a.dtype.buffer_bytes(a.numel()),
+        );
         Ok(())
     }
 
@@ -360,10 +367,12 @@ impl Session {
     /// Write AdamW's per-step constants [lr, 0, 0, 0].
     fn write_optimizer_step(&mut self) -> Result<()> {
         if let Some(slot) = self.plan.adamw_step {
-            let (buf, _) = self.buffer_of(slot)?;
-            self.gpu
-                .queue
-                .write_buffer(buf, 0, bytemuck::cast_slice(&[self.lr, 0.0, 0.0, 0.0]));
+            let (buf, s) = self.buffer_of(slot)?;
+            self.gpu.queue.write_buffer(
+                buf,
+                s.offset,
+                bytemuck::cast_slice(&[self.lr, 0.0, 0.0, 0.0]),
+            );
         }
         Ok(())
     }
@@ -419,7 +428,8 @@ impl Session {
             }
             enc.resolve_query_set(&set, 0..queries, &resolved, 0);
             self.gpu.queue.submit([enc.finish()]);
-            let raw = crate::gpu::read_buffer_blocking(&self.gpu, &resolved, queries as u64 * 8)?;
+            let raw =
+                crate::gpu::read_buffer_blocking(&self.gpu, &resolved, 0, queries as u64 * 8)?;
             let ticks: Vec<u64> = raw
                 .chunks_exact(8)
                 .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))

@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::graph::{AdamW, Emit, Kernel, Slot, TensorId};
 
 /// Gradient elements per partial sum of squares (`BLOCK` in the shader).
-/// Parameters above the binding limit are windowed in whole blocks, so the
+/// Arenas above the binding limit are windowed in whole blocks, so the
 /// partials, and the norm summed from them in a fixed order, do not depend
 /// on the windowing.
 const SUMSQ_BLOCK: usize = 256;
@@ -25,46 +25,116 @@ pub const ADAMW_CLIP: &str = "adamw.clip";
 /// steps, 0]` of dynamic loss scaling.
 pub const GRAD_SCALER: &str = "grad_scaler";
 
-/// Emit the optimizer step for `params` (after the backward pass): the
-/// global gradient norm, the step prologue (clipping multiplier, loss
-/// scaling, the step count) and AdamW. Returns the persistent `hyper` slot
-/// the host fills each step with `[lr, 0, 0, 0]`. The norm lands in
-/// [`ADAMW_CLIP`]. With `zero_grads` (gradient accumulation) each gradient
-/// is zeroed once used, ready for the next accumulation. With loss scaling,
-/// `seed` is the backward seed input that the scale multiplies.
+/// Trained parameters packed into one arena per buffer: each parameter sits
+/// at the same element offset of its arena as its gradient, AdamW moments
+/// and EMA shadow do in theirs, so one dispatch per arena (and binding
+/// window) updates every parameter. The gaps between members stay zero,
+/// which every optimizer kernel maps to zero.
+pub struct ParamArena {
+    pub index: usize,
+    /// Members and their first element.
+    pub members: Vec<(TensorId, usize)>,
+    pub numel: usize,
+    pub params: Slot,
+    pub grads: Slot,
+}
+
+impl ParamArena {
+    /// A persistent arena of this layout labelled `arena{index}/{what}`,
+    /// with `member_label(param name)` placed in it for every member.
+    fn state(&self, e: &mut Emit, what: &str, member_label: impl Fn(&str) -> String) -> Slot {
+        let arena = e.persistent(
+            &format!("arena{}/{what}", self.index),
+            self.numel,
+            DType::F32,
+        );
+        for &(p, first) in &self.members {
+            let n = e.numel(p);
+            let member = e.persistent(&member_label(&e.graph.desc(p).name), n, DType::F32);
+            e.place(member, arena, first);
+        }
+        arena
+    }
+
+    /// Binding windows over the arena, in whole sum-of-squares blocks.
+    fn windows(&self, e: &Emit) -> Vec<crate::graph::Window> {
+        e.windows(DType::F32, self.numel, SUMSQ_BLOCK)
+    }
+}
+
+/// Lay `params` (f32) out in arenas of at most the adapter's buffer size,
+/// each member at an aligned element offset, and place their values and
+/// gradients there.
+pub fn param_arenas(e: &mut Emit, params: &[TensorId]) -> Vec<ParamArena> {
+    let align = e.arena_align(DType::F32);
+    let max_numel = (e.caps.max_buffer_bytes / 4) as usize / SUMSQ_BLOCK * SUMSQ_BLOCK;
+    let mut layouts: Vec<(Vec<(TensorId, usize)>, usize)> = Vec::new();
+    for &p in params {
+        let n = e.numel(p);
+        match layouts.last_mut() {
+            Some((members, end)) if end.next_multiple_of(align) + n <= max_numel => {
+                let first = end.next_multiple_of(align);
+                members.push((p, first));
+                *end = first + n;
+            }
+            _ => layouts.push((vec![(p, 0)], n)),
+        }
+    }
+    layouts
+        .into_iter()
+        .enumerate()
+        .map(|(index, (members, end))| {
+            // Whole sum-of-squares blocks.
+            let numel = end.next_multiple_of(SUMSQ_BLOCK);
+            let params = e.persistent(&format!("arena{index}/params"), numel, DType::F32);
+            let grads = e.persistent(&format!("arena{index}/grads"), numel, DType::F32);
+            for &(p, first) in &members {
+                e.place(Slot::Value(p), params, first);
+                e.place(Slot::Grad(p), grads, first);
+            }
+            ParamArena {
+                index,
+                members,
+                numel,
+                params,
+                grads,
+            }
+        })
+        .collect()
+}
+
+/// Emit the optimizer step over the parameter `arenas` (after the backward
+/// pass): the global gradient norm, the step prologue (clipping
+/// multiplier, loss scaling, the step count) and AdamW. Returns the
+/// persistent `hyper` slot the host fills each step with `[lr, 0, 0, 0]`.
+/// The norm lands in [`ADAMW_CLIP`]. With `zero_grads` (gradient
+/// accumulation) each gradient is zeroed once used, ready for the next
+/// accumulation. With loss scaling, `seed` is the backward seed input that
+/// the scale multiplies.
 pub fn emit_adamw(
     e: &mut Emit,
-    params: &[TensorId],
+    arenas: &[ParamArena],
     opt: &AdamW,
     zero_grads: bool,
     seed: Option<TensorId>,
 ) -> Result<Slot> {
     let hyper = e.persistent("adamw.hyper", 4, DType::F32);
-    // A parameter, its gradient and its moments are all f32 of one size, so
-    // one set of windows serves them all (one window unless it exceeds a binding).
-    let windows: Vec<_> = params
-        .iter()
-        .map(|&p| e.windows(DType::F32, e.numel(p), SUMSQ_BLOCK))
-        .collect();
-    let blocks: usize = params
-        .iter()
-        .map(|&p| e.numel(p).div_ceil(SUMSQ_BLOCK))
-        .sum();
+    let blocks: usize = arenas.iter().map(|a| a.numel.div_ceil(SUMSQ_BLOCK)).sum();
     let partials = e.temp("grad_sq_partials", blocks.max(1), DType::F32);
     let mut base = 0;
-    for (&p, ws) in params.iter().zip(&windows) {
-        for &w in ws {
+    for a in arenas {
+        for w in a.windows(e) {
             let n = w.numel.div_ceil(SUMSQ_BLOCK);
             e.push(
                 Kernel::new("optim", "sumsq")
-                    .bind_window("g", Slot::Grad(p), w)
+                    .bind_window("g", a.grads, w)
                     .bind("partials", partials)
                     .u32(w.numel)
                     .u32(base + w.first / SUMSQ_BLOCK)
                     .groups_1d(n * RWG as usize, RWG),
             );
         }
-        base += e.numel(p).div_ceil(SUMSQ_BLOCK);
+        base += a.numel.div_ceil(SUMSQ_BLOCK);
     }
     let clip = e.persistent(ADAMW_CLIP, 2, DType::F32);
     let step = e.persistent(ADAMW_STEP, 4, DType::F32);
@@ -94,15 +164,13 @@ pub fn emit_adamw(
             .f32(scaling.backoff_factor)
             .f32(scaling.growth_interval as f32),
     );
-    for (&p, ws) in params.iter().zip(&windows) {
-        let n = e.numel(p);
-        let name = e.graph.desc(p).name.clone();
-        let m = e.persistent(&format!("adamw.m.{name}"), n, DType::F32);
-        let v = e.persistent(&format!("adamw.v.{name}"), n, DType::F32);
-        for &w in ws {
+    for a in arenas {
+        let m = a.state(e, "adamw_m", |name| format!("adamw.m.{name}"));
+        let v = a.state(e, "adamw_v", |name| format!("adamw.v.{name}"));
+        for w in a.windows(e) {
             let mut k = Kernel::new("optim", "adamw")
-                .bind_window("param", Slot::Value(p), w)
-                .bind_window("grad", Slot::Grad(p), w)
+                .bind_window("param", a.params, w)
+                .bind_window("grad", a.grads, w)
                 .bind_window("m", m, w)
                 .bind_window("v", v, w)
                 .bind("hyper", hyper)
@@ -133,18 +201,17 @@ pub fn ema_label(name: &str) -> String {
     format!("ema.{name}")
 }
 
-/// Emit the EMA update of `params` (after the optimizer): for each, its
-/// shadow s -= (1 - decay) * (s - param), diffusers' `EMAModel.step`.
-pub fn emit_ema(e: &mut Emit, params: &[TensorId]) {
+/// Emit the EMA update of the parameters in `arenas` (after the
+/// optimizer): for each, its shadow s -= (1 - decay) * (s - param),
+/// diffusers' `EMAModel.step`.
+pub fn emit_ema(e: &mut Emit, arenas: &[ParamArena]) {
     let one_minus = e.persistent(EMA_ONE_MINUS_DECAY, 1, DType::F32);
-    for &p in params {
-        let n = e.numel(p);
-        let name = e.graph.desc(p).name.clone();
-        let shadow = e.persistent(&ema_label(&name), n, DType::F32);
-        for w in e.windows(DType::F32, n, SUMSQ_BLOCK) {
+    for a in arenas {
+        let shadow = a.state(e, "ema", ema_label);
+        for w in a.windows(e) {
             e.push(
                 Kernel::new("optim", "ema_update")
-                    .bind_window("param", Slot::Value(p), w)
+                    .bind_window("param", a.params, w)
                     .bind_window("shadow", shadow, w)
                     .bind("one_minus_decay", one_minus)
                     .u32(w.numel)
@@ -232,6 +299,73 @@ mod tests {
                 err < 1e-6,
                 "max_grad_norm {max_grad_norm:?}: AdamW rel error {err:.2e}"
             );
+        }
+    }
+
+    /// Parameters of several sizes share one arena: the whole optimizer is
+    /// three dispatches (sum of squares, prologue, AdamW), the global norm
+    /// spans every parameter, and each parameter and moment reads back by
+    /// its own name from its aligned place in the arena.
+    #[test]
+    fn parameters_in_one_arena_step_like_one_vector() {
+        let sizes = [601, 37, 256];
+        let opt = AdamW {
+            lr: 0.01,
+            weight_decay: 0.1,
+            max_grad_norm: Some(0.05),
+            ..Default::default()
+        };
+        let mut g = Graph::new();
+        let mut seeds = Vec::new();
+        let mut tensors = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let w = g.param(&format!("w{i}"), &[n]);
+            let target = g.input(&format!("target{i}"), &[n], DType::F32);
+            let loss = g.mse_loss(w, target).unwrap();
+            let seed = g.input(&format!("seed{i}"), &[1], DType::F32);
+            seeds.push((loss, seed));
+            tensors.push((w, target, seed));
+        }
+        let spec = RunSpec {
+            seeds,
+            optimizer: Some(opt.clone()),
+            ..Default::default()
+        };
+        let mut s = Session::new(gpu(), Arc::new(g), spec).unwrap();
+        assert_eq!(s.plan.kernels.len() - s.plan.optimizer_start, 3);
+        let (mut wc, mut targets) = (Vec::new(), Vec::new());
+        for (i, &(w, target, seed)) in tensors.iter().enumerate() {
+            let (w0, t0) = (
+                random(sizes[i], 10 + i as u64),
+                random(sizes[i], 20 + i as u64),
+            );
+            s.write(w, &w0).unwrap();
+            s.write(target, &t0).unwrap();
+            s.write(seed, &[1.0]).unwrap();
+            wc.extend(w0.iter().map(|&x| x as f64));
+            targets.extend(t0.iter().map(|&x| (x as f64, sizes[i] as f64)));
+        }
+        let total = wc.len();
+        let (mut m, mut v) = (vec![0.0; total], vec![0.0; total]);
+        for step in 1..=3 {
+            let grad: Vec<f64> = wc
+                .iter()
+                .zip(&targets)
+                .map(|(a, &(b, n))| 2.0 * (a - b) / n)
+                .collect();
+            adamw_cpu(&mut wc, &mut m, &mut v, &grad, step, &opt);
+            s.step().unwrap();
+        }
+        let mut first = 0;
+        for (i, &(w, _, _)) in tensors.iter().enumerate() {
+            let range = first..first + sizes[i];
+            let got = s.read_blocking(w).unwrap();
+            let err = crate::ops::testing::rel_l2(&got, &wc[range.clone()]);
+            assert!(err < 1e-6, "w{i}: AdamW rel error {err:.2e}");
+            let got_m = s.read_state_blocking(&format!("adamw.m.w{i}")).unwrap();
+            let err = crate::ops::testing::rel_l2(&got_m, &m[range]);
+            assert!(err < 1e-6, "adamw.m.w{i}: rel error {err:.2e}");
+            first += sizes[i];
         }
     }
 

@@ -97,8 +97,9 @@ pub struct TrainBenchResult {
     pub persistent_bytes: u64,
 }
 
-/// Time `case` for the UNet of `config` (a `config.json`).
-pub fn bench_train_step(gpu: &Gpu, config: &Path, case: &TrainBench) -> Result<TrainBenchResult> {
+/// A ready session of `case`'s step for the UNet of `config` (a
+/// `config.json`), weights and inputs written, and the step's FLOPs.
+fn train_session(gpu: &Gpu, config: &Path, case: &TrainBench) -> Result<(Session, TrainStep, f64)> {
     let unet = UNet::from_config_file(config)?;
     let schedule = NoiseSchedule::default();
     let opts = StepOptions {
@@ -128,14 +129,20 @@ pub fn bench_train_step(gpu: &Gpu, config: &Path, case: &TrainBench) -> Result<T
         ..Default::default()
     };
     let spec = step.run_spec(optimizer, false, false);
-    let mut s = Session::new(gpu, Arc::new(step.graph.clone()), spec)?;
+    let s = Session::new(gpu, Arc::new(step.graph.clone()), spec)?;
     write_params(&s, &init_params(&s.graph, 0, config))?;
     let n = |t| s.graph.numel(t);
     s.write(step.latents, &random(n(step.latents), 1))?;
     s.write(step.context, &random(n(step.context), 2))?;
     s.write(step.alphas_cumprod, &schedule.alphas_cumprod())?;
+    s.write(step.key, &rng_key(0, 0))?;
     TrainStep::write_loss_grad(&s, step.loss_grad, 1)?;
+    Ok((s, step, step_flops))
+}
 
+/// Time `case` for the UNet of `config` (a `config.json`).
+pub fn bench_train_step(gpu: &Gpu, config: &Path, case: &TrainBench) -> Result<TrainBenchResult> {
+    let (mut s, step, step_flops) = train_session(gpu, config, case)?;
     let mut times = Vec::with_capacity(case.iters);
     for i in 0..case.iters.max(1) + 2 {
         s.write(step.key, &rng_key(0, i as u64))?;
@@ -168,4 +175,15 @@ pub fn bench_train_step(gpu: &Gpu, config: &Path, case: &TrainBench) -> Result<T
         pooled_bytes: st.pooled_bytes,
         persistent_bytes: st.persistent_bytes,
     })
+}
+
+/// Where `case`'s step spends its GPU time, per kernel (`gpu` opened with
+/// timestamp queries).
+pub fn profile_train_step(
+    gpu: &Gpu,
+    config: &Path,
+    case: &TrainBench,
+) -> Result<Vec<crate::bench::ProfileRow>> {
+    let (mut s, _, _) = train_session(gpu, config, case)?;
+    crate::bench::profile_session(&mut s, case.iters)
 }
