@@ -6,7 +6,8 @@
 //
 // B is first packed into panels of PW = WGX * TN columns, bp[z][panel][k][PW]
 // (zero past N), so each k step of a workgroup reads one contiguous PW-wide
-// row: lanes read neighbouring vec4s (coalesced). A workgroup is one row of
+// row: lanes read neighbouring vec4s (coalesced). A row-major B whose rows
+// start at vec4 boundaries is read in place instead (DIRECT_B), the same way. A workgroup is one row of
 // WGX invocations that share the same TM rows of A: A's address is uniform
 // across the workgroup, so a GPU (and llvmpipe, which scalarizes uniform
 // loads) fetches it once and broadcasts it. Each invocation keeps a TM x TN
@@ -45,6 +46,7 @@ struct Params {
     m: u32, n: u32, k: u32,
     a_bs: u32, a_rs: u32, a_cs: u32,
     panels: u32, beta: f32,
+    b_bs: u32, b_rs: u32,
 }
 const TN: u32 = 4u * CB;
 const PW: u32 = WGX * TN;
@@ -133,8 +135,29 @@ fn tile_step(t: ptr<function, Tile>, a: ACol, b0: vec4<f32>, b1: vec4<f32>) {
     if (RB > 7u) { (*t).c70 = outer_fma((*t).c70, a.a7, b0); if (CB > 1u) { (*t).c71 = outer_fma((*t).c71, a.a7, b1); } }
 }
 
-// B's row at b_at of the packed panel: 4 CB columns.
-fn b_row(b_at: u32) -> array<vec4<f32>, 2> {
+// DIRECT_B: bp is B itself, row-major with n, b_rs and b_bs multiples of 4
+// (so no packing pass): row k of batch z starts at z b_bs + k b_rs, and
+// columns from n on read as zero. Otherwise bp is the packed panels.
+// Where this invocation's B row of step k = 0 starts, and the step per k.
+fn b_start(z: u32, panel: u32, lane: u32) -> u32 {
+    if (DIRECT_B) { return z * p.b_bs + panel * PW + lane * TN; }
+    return (z * p.panels + panel) * p.k * PW + lane * TN;
+}
+fn b_stride() -> u32 {
+    if (DIRECT_B) { return p.b_rs; }
+    return PW;
+}
+
+// B's row at b_at: 4 CB columns, from column col0.
+fn b_row(b_at: u32, col0: u32) -> array<vec4<f32>, 2> {
+    if (DIRECT_B) {
+        var b = array<vec4<f32>, 2>(select(vec4<f32>(0.0), bp_load4(select(0u, b_at, col0 < p.n)), col0 < p.n), vec4<f32>());
+        if (CB > 1u) {
+            let inside = col0 + 4u < p.n;
+            b[1] = select(vec4<f32>(0.0), bp_load4(select(0u, b_at + 4u, inside)), inside);
+        }
+        return b;
+    }
     var b = array<vec4<f32>, 2>(bp_load4(b_at), vec4<f32>());
     if (CB > 1u) { b[1] = bp_load4(b_at + 4u); }
     return b;
@@ -158,6 +181,7 @@ fn store_tile(t: Tile, row0: u32, col0: u32, z: u32) {
 //@ const CB = 2u
 //@ const WGX = 8u
 //@ const HAS_BIAS = false
+//@ const DIRECT_B = false
 //@ use gemm_tiles
 // A workgroup is one row of WGX invocations sharing the same rows of A:
 // A's address is uniform across the workgroup, so a GPU fetches it once and
@@ -167,13 +191,14 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     let row0 = wg.y * 4u * RB;
     let rows = rows_of(wg.z, row0);
     var t: Tile;
-    var b_at = (wg.z * p.panels + wg.x) * p.k * PW + lid.x * TN;
+    let col0 = wg.x * PW + lid.x * TN;
+    var b_at = b_start(wg.z, wg.x, lid.x);
     for (var kk = 0u; kk < p.k; kk++) {
-        let b = b_row(b_at);
+        let b = b_row(b_at, col0);
         tile_step(&t, a_column(rows, kk * p.a_cs), b[0], b[1]);
-        b_at += PW;
+        b_at += b_stride();
     }
-    store_tile(t, row0, wg.x * PW + lid.x * TN, wg.z);
+    store_tile(t, row0, col0, wg.z);
 }
 
 //@ entry gemm_subgroup
@@ -182,6 +207,7 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
 //@ const CB = 2u
 //@ const WGX = 8u
 //@ const HAS_BIAS = false
+//@ const DIRECT_B = false
 //@ use gemm_tiles
 // For adapters whose subgroup is exactly the WGX-wide workgroup (llvmpipe):
 // in each block of WGX k steps, lane l loads A's column k0 + l once, and
@@ -192,7 +218,8 @@ fn gemm_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     let row0 = wg.y * 4u * RB;
     let rows = rows_of(wg.z, row0);
     var t: Tile;
-    var b_at = (wg.z * p.panels + wg.x) * p.k * PW + lid.x * TN;
+    let col0 = wg.x * PW + lid.x * TN;
+    var b_at = b_start(wg.z, wg.x, lid.x);
     let k_blocks = p.k / WGX;
     for (var kb = 0u; kb < k_blocks; kb++) {
         let mine = a_column(rows, (kb * WGX + lid.x) * p.a_cs);
@@ -206,15 +233,15 @@ fn gemm_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
             if (RB > 5u) { a.a5 = subgroupShuffle(mine.a5, l); }
             if (RB > 6u) { a.a6 = subgroupShuffle(mine.a6, l); }
             if (RB > 7u) { a.a7 = subgroupShuffle(mine.a7, l); }
-            let b = b_row(b_at);
+            let b = b_row(b_at, col0);
             tile_step(&t, a, b[0], b[1]);
-            b_at += PW;
+            b_at += b_stride();
         }
     }
     for (var kk = k_blocks * WGX; kk < p.k; kk++) {
-        let b = b_row(b_at);
+        let b = b_row(b_at, col0);
         tile_step(&t, a_column(rows, kk * p.a_cs), b[0], b[1]);
-        b_at += PW;
+        b_at += b_stride();
     }
-    store_tile(t, row0, wg.x * PW + lid.x * TN, wg.z);
+    store_tile(t, row0, col0, wg.z);
 }

@@ -56,24 +56,34 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
     let (rb, cb, wgx) = tile(e);
     let (tm, pw) = (4 * rb, 4 * cb * wgx);
     let panels = g.n.div_ceil(pw);
-    // 1. Pack B into PW-wide panels (zero past N).
-    let total = g.batch * panels * g.k * pw;
-    let b_dtype = e.slot_dtype(g.b.slot);
-    let bp = e.temp("packed_b", total, b_dtype);
-    e.push(
-        Kernel::new("matmul", "pack_b")
-            .konst("PW", format!("{pw}u"))
-            .bind("b", g.b.slot)
-            .bind("bp", bp)
-            .u32(g.n)
-            .u32(g.k)
-            .u32(g.b.bs)
-            .u32(g.b.rs)
-            .u32(g.b.cs)
-            .u32(panels)
-            .u32(total)
-            .groups_1d(total / 4, 256),
-    );
+    // 1. Pack B into PW-wide panels (zero past N), unless the kernel can read
+    // it in place: row-major with rows starting at vec4 boundaries.
+    let direct = g.b.cs == 1
+        && g.b.rs.is_multiple_of(4)
+        && g.b.bs.is_multiple_of(4)
+        && g.n.is_multiple_of(4);
+    let bp = if direct {
+        g.b.slot
+    } else {
+        let total = g.batch * panels * g.k * pw;
+        let b_dtype = e.slot_dtype(g.b.slot);
+        let bp = e.temp("packed_b", total, b_dtype);
+        e.push(
+            Kernel::new("matmul", "pack_b")
+                .konst("PW", format!("{pw}u"))
+                .bind("b", g.b.slot)
+                .bind("bp", bp)
+                .u32(g.n)
+                .u32(g.k)
+                .u32(g.b.bs)
+                .u32(g.b.rs)
+                .u32(g.b.cs)
+                .u32(panels)
+                .u32(total)
+                .groups_1d(total / 4, 256),
+        );
+        bp
+    };
     // 2. The register-tiled product, sharing A through the subgroup where the
     // subgroup is exactly one workgroup wide.
     let sg = e.caps.subgroups
@@ -89,6 +99,9 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
     if let Some(bias) = g.bias {
         k = k.bind("bias", bias).konst("HAS_BIAS", "true");
     }
+    if direct {
+        k = k.konst("DIRECT_B", "true");
+    }
     let k = k
         .u32(g.m)
         .u32(g.n)
@@ -98,6 +111,8 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
         .u32(g.a.cs)
         .u32(panels)
         .f32(g.beta)
+        .u32(g.b.bs)
+        .u32(g.b.rs)
         .groups(panels as u32, g.m.div_ceil(tm) as u32, g.batch as u32);
     e.push(k);
 }
@@ -467,14 +482,17 @@ mod tests {
         );
     }
 
+    /// Every transpose, with n = 6 (B packed) and n = 8 (a row-major B read
+    /// in place; its transposed backward products are packed).
     #[test]
     fn batched_matmul_transposes() {
-        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            let (bt, m, n, k) = (3, 5, 6, 4);
+        let cases = [(false, false), (true, false), (false, true), (true, true)];
+        for ((ta, tb), n) in cases.into_iter().flat_map(|c| [(c, 6), (c, 8)]) {
+            let (bt, m, k) = (3, 5, 4);
             let ash = if ta { [bt, k, m] } else { [bt, m, k] };
             let bsh = if tb { [bt, n, k] } else { [bt, k, n] };
             check_op(
-                &format!("bmm_ta{ta}_tb{tb}"),
+                &format!("bmm_ta{ta}_tb{tb}_n{n}"),
                 &[CaseInput::act(&ash), CaseInput::act(&bsh)],
                 &|g, x| g.matmul(x[0], x[1], ta, tb),
                 &|x| {
@@ -499,11 +517,17 @@ mod tests {
         }
     }
 
+    /// n = 37 packs B; n = 72 reads it in place, past one 64-wide panel.
     #[test]
     fn matmul_bigger_than_one_tile_all_dtypes() {
-        let (m, n, k) = (70, 37, 33);
+        for (m, n, k) in [(70, 37, 33), (70, 72, 33)] {
+            matmul_all_dtypes(m, n, k);
+        }
+    }
+
+    fn matmul_all_dtypes(m: usize, n: usize, k: usize) {
         check_op_all_dtypes(
-            "matmul_70x33x37",
+            &format!("matmul_{m}x{k}x{n}"),
             &[CaseInput::act(&[m, k]), CaseInput::act(&[k, n])],
             &|g, x| g.matmul(x[0], x[1], false, false),
             &|x| {
