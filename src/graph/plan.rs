@@ -115,6 +115,20 @@ pub struct StorageDesc {
 }
 
 impl StorageDesc {
+    /// A storage not yet used by any kernel nor given a buffer.
+    fn new(label: String, numel: usize, dtype: DType, persistent: bool) -> StorageDesc {
+        StorageDesc {
+            label,
+            numel,
+            dtype,
+            persistent,
+            first: usize::MAX,
+            last: 0,
+            buffer: 0,
+            offset: 0,
+        }
+    }
+
     /// Byte offset and size in its buffer of a binding of `window` of this
     /// storage (`None`: all of it).
     pub fn extent(&self, window: Option<Window>) -> (u64, u64) {
@@ -286,15 +300,8 @@ impl Plan {
             placements,
             ..
         } = e;
-        let extra = |d: &ExtraDesc, persistent: bool| StorageDesc {
-            label: d.label.clone(),
-            numel: d.numel,
-            dtype: d.dtype,
-            persistent,
-            first: usize::MAX,
-            last: 0,
-            buffer: 0,
-            offset: 0,
+        let extra = |d: &ExtraDesc, persistent: bool| {
+            StorageDesc::new(d.label.clone(), d.numel, d.dtype, persistent)
         };
         // The storage of a slot, created on first sight.
         let mut storage_of = |slot: Slot, storages: &mut Vec<StorageDesc>| -> (usize, StorageKey) {
@@ -323,20 +330,12 @@ impl Plan {
                                 }
                             }
                         };
-                        StorageDesc {
-                            label: if is_grad {
-                                format!("grad.{}", d.name)
-                            } else {
-                                d.name.clone()
-                            },
-                            numel: d.numel(),
-                            dtype: d.dtype,
-                            persistent,
-                            first: usize::MAX,
-                            last: 0,
-                            buffer: 0,
-                            offset: 0,
-                        }
+                        let label = if is_grad {
+                            format!("grad.{}", d.name)
+                        } else {
+                            d.name.clone()
+                        };
+                        StorageDesc::new(label, d.numel(), d.dtype, persistent)
                     }
                     StorageKey::Temp(i) => extra(&temps[i], false),
                     StorageKey::Persistent(i) => extra(&persistents[i], true),
