@@ -2,7 +2,7 @@
 // padding, dilation 1, groups 1) as implicit GEMM: every kernel gathers its
 // operands straight from x / dy / w, no im2col buffer.
 //
-//   y[n, co, oy, ox] = bias[co] + sum_{ci, ky, kx} w[co, ci, ky, kx] * x[n, ci, oy*SH - ph + ky, ox*SW - pw + kx]
+//   y[n, co, oy, ox] = bias[co] (+ res[n, co, oy, ox]) + sum_{ci, ky, kx} w[co, ci, ky, kx] * x[n, ci, oy*SH - ph + ky, ox*SW - pw + kx]
 //
 // Backward (each writes dst = beta * dst + new):
 //   dx[n, ci, iy, ix] = sum_{co, ky, kx} w[co, ci, ky, kx] * dy[n, co, oy, ox]
@@ -101,7 +101,7 @@ fn dw_sums(a: DwAcc, q: u32, k: u32) -> vec4<f32> {
 }
 
 //@ entry conv2d_forward
-//@ tensors x:read w:read bias:read y:rw
+//@ tensors x:read w:read bias:read res:read y:rw
 //@ const KH = 3u
 //@ const KW = 3u
 //@ const SH = 1u
@@ -110,6 +110,7 @@ fn dw_sums(a: DwAcc, q: u32, k: u32) -> vec4<f32> {
 //@ const TY = 2u
 //@ const WG = 8u
 //@ const HAS_BIAS = false
+//@ const HAS_RES = false
 //@ const FLIP = false
 // One invocation: output channels co0 .. co0+TCO (workgroup z), rows
 // oy0 .. oy0+TY and columns ox0 .. ox0+4 of one image. Per input channel and
@@ -176,11 +177,13 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
                 var v = acc[r * TCO + c];
                 if (ox0 + 4u <= p.ow) {
                     if (p.beta != 0.0) { v += y_load4(idx); }
+                    if (HAS_RES) { v += vec4<f32>(res_load(idx), res_load(idx + 1u), res_load(idx + 2u), res_load(idx + 3u)); }
                     y_store4(idx, v);
                 } else {
                     for (var q = 0u; ox0 + q < p.ow; q++) {
                         var o = v[q];
                         if (p.beta != 0.0) { o += y_load(idx + q); }
+                        if (HAS_RES) { o += res_load(idx + q); }
                         y_store(idx + q, o);
                     }
                 }
@@ -190,12 +193,13 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 }
 
 //@ entry conv2d_forward_sg
-//@ tensors x:read w:read bias:read y:rw
+//@ tensors x:read w:read bias:read res:read y:rw
 //@ const KH = 3u
 //@ const KW = 3u
 //@ const SH = 1u
 //@ const SW = 1u
 //@ const HAS_BIAS = false
+//@ const HAS_RES = false
 //@ const FLIP = false
 // conv2d_forward for adapters whose subgroups are exactly 8 wide (llvmpipe).
 // The workgroup is one subgroup; a lane owns 16 output channels x 4 columns
@@ -244,11 +248,13 @@ fn store4x4(a: mat4x4<f32>, live: bool, n: u32, co: u32, oy: u32, ox0: u32) {
             var v = vec4<f32>(a[0][i], a[1][i], a[2][i], a[3][i]);
             if (ox0 + 4u <= p.ow) {
                 if (p.beta != 0.0) { v += y_load4(idx); }
+                if (HAS_RES) { v += vec4<f32>(res_load(idx), res_load(idx + 1u), res_load(idx + 2u), res_load(idx + 3u)); }
                 y_store4(idx, v);
             } else {
                 for (var q = 0u; ox0 + q < p.ow; q++) {
                     var o = v[q];
                     if (p.beta != 0.0) { o += y_load(idx + q); }
+                    if (HAS_RES) { o += res_load(idx + q); }
                     y_store(idx + q, o);
                 }
             }
@@ -334,7 +340,18 @@ struct Params {
     n: u32, ci: u32, h: u32, w: u32,
     co: u32, oh: u32, ow: u32, ph: u32, pw: u32,
     chunks: u32, rows_per_chunk: u32, chunk_stride: u32,
-    beta: f32,
+    beta: f32, db_beta: f32,
+}
+
+// HAS_DB (one chunk only): the bias gradient db[co] = db_beta * db[co] +
+// sum_{n, oy, ox} dy[n, co, oy, ox] comes from the dy loads of the
+// workgroups at tap (0, 0) of the first input-channel block.
+fn store_db(co: u32, v: f32) {
+    if (co < p.co) {
+        var o = v;
+        if (p.db_beta != 0.0) { o += db_load(co); }
+        db_store(co, o);
+    }
 }
 
 // dy of one channel row at columns ox0 .. ox0+4 (zero past the edge;
@@ -386,12 +403,13 @@ fn store_dw(a: DwAcc, live: bool, ci: u32, co0: u32, ky: u32, kx0: u32, chunk: u
 }
 
 //@ entry conv2d_grad_weight
-//@ tensors x:read dy:read dw:rw
+//@ tensors x:read dy:read dw:rw db:rw
 //@ const KH = 3u
 //@ const KW = 3u
 //@ const SH = 1u
 //@ const SW = 1u
 //@ const WG = 8u
+//@ const HAS_DB = false
 //@ use grad_weight_common
 // A GEMM of dy [Co x (N*OH*OW)] with the implicit im2col of x. One
 // invocation: input channel ci (the invocation index) x output channels
@@ -418,6 +436,11 @@ fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(wo
     let co_2 = min(c4 + 8u, last);
     let co_3 = min(c4 + 12u, last);
     var a: DwAcc;
+    // HAS_DB: per-channel sums of dy, channels co0 + 4q .. co0 + 4q + 4.
+    var s0: vec4<f32>;
+    var s1: vec4<f32>;
+    var s2: vec4<f32>;
+    var s3: vec4<f32>;
     let rows = chunk_rows(chunk);
     var n = rows.x / p.oh;
     var oy = rows.x % p.oh;
@@ -434,6 +457,13 @@ fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(wo
             let d2 = mat4x4<f32>(dy4(r2.x, ox0), dy4(r2.y, ox0), dy4(r2.z, ox0), dy4(r2.w, ox0));
             let d3 = mat4x4<f32>(dy4(r3.x, ox0), dy4(r3.y, ox0), dy4(r3.z, ox0), dy4(r3.w, ox0));
             a = dw_step(a, d0, d1, d2, d3, x_window(x_img, oy, ky, ox0, kx0));
+            if (HAS_DB) {
+                let ones = vec4<f32>(1.0);
+                s0 += ones * d0;
+                s1 += ones * d1;
+                s2 += ones * d2;
+                s3 += ones * d3;
+            }
         }
         // Next row without a branch (llvmpipe runs both sides of an `if`).
         let wrap = oy + 1u == p.oh;
@@ -441,14 +471,23 @@ fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(wo
         n = select(n, n + 1u, wrap);
     }
     store_dw(a, live, ci, co0, ky, kx0, chunk);
+    if (HAS_DB && gid.x == 0u && wg.z == 0u) {
+        for (var c = 0u; c < 4u; c++) {
+            store_db(co0 + c, s0[c]);
+            store_db(co0 + 4u + c, s1[c]);
+            store_db(co0 + 8u + c, s2[c]);
+            store_db(co0 + 12u + c, s3[c]);
+        }
+    }
 }
 
 //@ entry conv2d_grad_weight_sg
-//@ tensors x:read dy:read dw:rw
+//@ tensors x:read dy:read dw:rw db:rw
 //@ const KH = 3u
 //@ const KW = 3u
 //@ const SH = 1u
 //@ const SW = 1u
+//@ const HAS_DB = false
 //@ use grad_weight_common
 // conv2d_grad_weight for adapters whose subgroups are exactly 8 wide
 // (llvmpipe, where every load costs a per-lane gather): lane l loads the dy
@@ -477,6 +516,9 @@ fn conv2d_grad_weight_sg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
     let co_lo = min(co0 + lane, p.co - 1u);
     let co_hi = min(co0 + 8u + lane, p.co - 1u);
     var a: DwAcc;
+    // HAS_DB: sums of this lane's dy channels.
+    var s_lo: vec4<f32>;
+    var s_hi: vec4<f32>;
     let rows = chunk_rows(chunk);
     var n = rows.x / p.oh;
     var oy = rows.x % p.oh;
@@ -488,10 +530,19 @@ fn conv2d_grad_weight_sg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
             let lo = dy4(dy_lo, ox0);
             let hi = dy4(dy_hi, ox0);
             a = dw_step(a, lanes_lo(lo), lanes_hi(lo), lanes_lo(hi), lanes_hi(hi), x_window(x_img, oy, ky, ox0, kx0));
+            if (HAS_DB) {
+                s_lo += lo;
+                s_hi += hi;
+            }
         }
         let wrap = oy + 1u == p.oh;
         oy = select(oy + 1u, 0u, wrap);
         n = select(n, n + 1u, wrap);
     }
     store_dw(a, live, ci, co0, ky, kx0, chunk);
+    if (HAS_DB && wg.x == 0u && wg.z == 0u) {
+        let ones = vec4<f32>(1.0);
+        store_db(co0 + lane, dot(s_lo, ones));
+        store_db(co0 + 8u + lane, dot(s_hi, ones));
+    }
 }

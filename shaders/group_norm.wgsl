@@ -257,19 +257,31 @@ fn norm_param_partial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
 }
 
 //@ entry norm_param_reduce
-//@ tensors part:read dp:rw
+//@ tensors part:read dgamma:rw dbeta:rw
 //@ const WG = 64u
-// dp[c] = beta * dp[c] + sum_{k, l} part[offset + (k C + c) L + l], in order.
-struct Params { c: u32, k: u32, l: u32, offset: u32, beta: f32 }
+//@ const GAMMA = true
+//@ const BETA = true
+// Both parameter gradients in one launch, invocation j of 2C: the gamma
+// half (j < C, partials from 0) and the beta half (partials from `half`):
+//   d[c] = beta_d * d[c] + sum_{k, l} part[offset + (k C + c) L + l], in order.
+struct Params { c: u32, k: u32, l: u32, half: u32, beta_g: f32, beta_b: f32 }
 @compute @workgroup_size(WG)
 fn norm_param_reduce(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let c = flat_id(gid, nwg, WG);
-    if (c >= p.c) { return; }
+    let j = flat_id(gid, nwg, WG);
+    let is_beta = j >= p.c;
+    let c = j % p.c;
+    if (j >= 2u * p.c || (is_beta && !BETA) || (!is_beta && !GAMMA)) { return; }
+    let offset = select(0u, p.half, is_beta);
     var acc = 0.0;
     for (var k = 0u; k < p.k; k++) {
-        let base = p.offset + (k * p.c + c) * p.l;
+        let base = offset + (k * p.c + c) * p.l;
         for (var l = 0u; l < p.l; l++) { acc += part_load(base + l); }
     }
-    if (p.beta != 0.0) { acc += dp_load(c); }
-    dp_store(c, acc);
+    if (is_beta) {
+        if (p.beta_b != 0.0) { acc += dbeta_load(c); }
+        dbeta_store(c, acc);
+    } else {
+        if (p.beta_g != 0.0) { acc += dgamma_load(c); }
+        dgamma_store(c, acc);
+    }
 }

@@ -1,5 +1,5 @@
 // Batched GEMM over strided operands:
-//   C[z, m, n] = beta * C + sum_k A(z, m, k) B(z, k, n) (+ bias[n])
+//   C[z, m, n] = beta * C + sum_k A(z, m, k) B(z, k, n) (+ bias[n]) (+ res[z, m, n])
 // with A(z, m, k) = a[z * a_bs + m * a_rs + k * a_cs] (B likewise) and C
 // contiguous. Strides express transposes, so the forward and both backward
 // products of matmul and linear are all this one kernel.
@@ -47,6 +47,7 @@ struct Params {
     a_bs: u32, a_rs: u32, a_cs: u32,
     panels: u32, beta: f32,
     b_bs: u32, b_rs: u32,
+    rs_beta: f32,
 }
 const TN: u32 = 4u * CB;
 const PW: u32 = WGX * TN;
@@ -80,6 +81,7 @@ fn store_block(acc: mat4x4<f32>, row0: u32, col0: u32, c_base: u32) {
                 var r = v[q];
                 if (HAS_BIAS) { r += bias_load(col); }
                 let idx = c_base + row * p.n + col;
+                if (HAS_RES) { r += res_load(idx); }
                 if (p.beta != 0.0) { r += c_load(idx); }
                 c_store(idx, r);
             }
@@ -121,6 +123,35 @@ fn a_column(rows: Rows, a_k: u32) -> ACol {
     if (RB > 6u) { a.a6 = a_col4(rows.r6, a_k); }
     if (RB > 7u) { a.a7 = a_col4(rows.r7, a_k); }
     return a;
+}
+
+// ROWSUM: the kernel also writes rowsum[m] = rs_beta * rowsum[m] + sum_k A(m, k)
+// (a linear layer's bias gradient falls out of its weight gradient's GEMM,
+// whose A is dC^T). Only for one batch; the workgroups of panel 0 store it.
+fn acol_add(s: ACol, a: ACol) -> ACol {
+    return ACol(s.a0 + a.a0, s.a1 + a.a1, s.a2 + a.a2, s.a3 + a.a3, s.a4 + a.a4, s.a5 + a.a5, s.a6 + a.a6, s.a7 + a.a7);
+}
+
+fn store_rowsum4(v: vec4<f32>, row0: u32) {
+    for (var q = 0u; q < 4u; q++) {
+        let row = row0 + q;
+        if (row < p.m) {
+            var r = v[q];
+            if (p.rs_beta != 0.0) { r += rowsum_load(row); }
+            rowsum_store(row, r);
+        }
+    }
+}
+
+fn store_rowsums(s: ACol, row0: u32) {
+    store_rowsum4(s.a0, row0);
+    if (RB > 1u) { store_rowsum4(s.a1, row0 + 4u); }
+    if (RB > 2u) { store_rowsum4(s.a2, row0 + 8u); }
+    if (RB > 3u) { store_rowsum4(s.a3, row0 + 12u); }
+    if (RB > 4u) { store_rowsum4(s.a4, row0 + 16u); }
+    if (RB > 5u) { store_rowsum4(s.a5, row0 + 20u); }
+    if (RB > 6u) { store_rowsum4(s.a6, row0 + 24u); }
+    if (RB > 7u) { store_rowsum4(s.a7, row0 + 28u); }
 }
 
 // One k step: the tile gains A's column times B's row (b0, b1).
@@ -176,12 +207,14 @@ fn store_tile(t: Tile, row0: u32, col0: u32, z: u32) {
 }
 
 //@ entry gemm
-//@ tensors a:read bp:read4 bias:read c:rw
+//@ tensors a:read bp:read4 bias:read res:read c:rw rowsum:rw
 //@ const RB = 4u
 //@ const CB = 2u
 //@ const WGX = 8u
 //@ const HAS_BIAS = false
 //@ const DIRECT_B = false
+//@ const ROWSUM = false
+//@ const HAS_RES = false
 //@ use gemm_tiles
 // A workgroup is one row of WGX invocations sharing the same rows of A:
 // A's address is uniform across the workgroup, so a GPU fetches it once and
@@ -193,21 +226,27 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     var t: Tile;
     let col0 = wg.x * PW + lid.x * TN;
     var b_at = b_start(wg.z, wg.x, lid.x);
+    var asum: ACol;
     for (var kk = 0u; kk < p.k; kk++) {
         let b = b_row(b_at, col0);
-        tile_step(&t, a_column(rows, kk * p.a_cs), b[0], b[1]);
+        let a = a_column(rows, kk * p.a_cs);
+        if (ROWSUM) { asum = acol_add(asum, a); }
+        tile_step(&t, a, b[0], b[1]);
         b_at += b_stride();
     }
     store_tile(t, row0, col0, wg.z);
+    if (ROWSUM && wg.x == 0u && lid.x == 0u) { store_rowsums(asum, row0); }
 }
 
 //@ entry gemm_subgroup
-//@ tensors a:read bp:read4 bias:read c:rw
+//@ tensors a:read bp:read4 bias:read res:read c:rw rowsum:rw
 //@ const RB = 4u
 //@ const CB = 2u
 //@ const WGX = 8u
 //@ const HAS_BIAS = false
 //@ const DIRECT_B = false
+//@ const ROWSUM = false
+//@ const HAS_RES = false
 //@ use gemm_tiles
 // For adapters whose subgroup is exactly the WGX-wide workgroup (llvmpipe):
 // in each block of WGX k steps, lane l loads A's column k0 + l once, and
@@ -221,8 +260,11 @@ fn gemm_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     let col0 = wg.x * PW + lid.x * TN;
     var b_at = b_start(wg.z, wg.x, lid.x);
     let k_blocks = p.k / WGX;
+    // ROWSUM: each lane sums the columns it loads; lane 0 also the tail's.
+    var asum: ACol;
     for (var kb = 0u; kb < k_blocks; kb++) {
         let mine = a_column(rows, (kb * WGX + lid.x) * p.a_cs);
+        if (ROWSUM) { asum = acol_add(asum, mine); }
         for (var l = 0u; l < WGX; l++) {
             var a: ACol;
             a.a0 = subgroupShuffle(mine.a0, l);
@@ -240,8 +282,15 @@ fn gemm_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     }
     for (var kk = k_blocks * WGX; kk < p.k; kk++) {
         let b = b_row(b_at, col0);
-        tile_step(&t, a_column(rows, kk * p.a_cs), b[0], b[1]);
+        let a = a_column(rows, kk * p.a_cs);
+        if (ROWSUM && lid.x == 0u) { asum = acol_add(asum, a); }
+        tile_step(&t, a, b[0], b[1]);
         b_at += b_stride();
     }
     store_tile(t, row0, col0, wg.z);
+    if (ROWSUM) {
+        let total = ACol(subgroupAdd(asum.a0), subgroupAdd(asum.a1), subgroupAdd(asum.a2), subgroupAdd(asum.a3),
+                         subgroupAdd(asum.a4), subgroupAdd(asum.a5), subgroupAdd(asum.a6), subgroupAdd(asum.a7));
+        if (wg.x == 0u && lid.x == 0u) { store_rowsums(total, row0); }
+    }
 }

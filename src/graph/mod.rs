@@ -8,7 +8,7 @@ mod op;
 mod plan;
 mod session;
 
-pub use emit::{Binding, Emit, Kernel, Slot, Window};
+pub use emit::{Binding, Emit, GradTarget, Kernel, Slot, Window};
 pub use op::{Op, OpKernels};
 pub use plan::{AdamW, LossScaling, Plan, RunSpec, StepStats};
 pub use session::Session;

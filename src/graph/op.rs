@@ -19,6 +19,14 @@ pub trait OpKernels {
     /// forward values it needs (they stay alive until this runs).
     fn backward(&self, e: &mut Emit, inputs: &[TensorId], outputs: &[TensorId]) -> Result<()>;
 
+    /// Pairs (input, output) whose gradients are equal: d(input) is exactly
+    /// d(output) (an add of same-shaped operands). Where it is safe the
+    /// planner gives the input's gradient the output gradient's storage and
+    /// `backward` sees no target for that input, so no copy runs.
+    fn grad_passthrough(&self, _g: &Graph, _inputs: &[TensorId]) -> Vec<(usize, usize)> {
+        Vec::new()
+    }
+
     /// Whether gradients flow through this op. An op that returns false
     /// (random sampling, the DREAM update) detaches its outputs: nothing
     /// computed from them asks its inputs for a gradient, so a no-grad pass

@@ -197,7 +197,10 @@ impl Plan {
 
         // 2. Backward, in reverse, from the seeds.
         let root = |t: TensorId| graph.storage_root(t);
-        let mut grad_alias: HashMap<TensorId, TensorId> = HashMap::new();
+        // Gradients stored elsewhere than their own storage: a seed's host
+        // input, or the gradient of an output they pass through unchanged.
+        let mut grad_alias: HashMap<TensorId, StorageKey> = HashMap::new();
+        let kept_grads: HashSet<TensorId> = spec.grads.iter().map(|&t| root(t)).collect();
         let mut has_grad: HashSet<TensorId> = HashSet::new();
         for &(t, seed) in &spec.seeds {
             if graph.shape(t) != graph.shape(seed) {
@@ -212,7 +215,7 @@ impl Plan {
                     ),
                 });
             }
-            grad_alias.insert(root(t), root(seed));
+            grad_alias.insert(root(t), StorageKey::Value(root(seed)));
             has_grad.insert(root(t));
         }
         let requires = requires_grad(graph);
@@ -228,7 +231,7 @@ impl Plan {
                     continue;
                 }
                 let mut written = has_grad.clone();
-                let grad_ins: Vec<Option<GradTarget>> = node
+                let mut grad_ins: Vec<Option<GradTarget>> = node
                     .inputs
                     .iter()
                     .map(|&i| {
@@ -242,6 +245,38 @@ impl Plan {
                         })
                     })
                     .collect();
+                // At most one input per output: two inputs' gradients in one
+                // storage would mix.
+                let mut taken: HashSet<usize> = HashSet::new();
+                for (ii, oi) in node.op.kernels().grad_passthrough(graph, &node.inputs) {
+                    if taken.contains(&oi) {
+                        continue;
+                    }
+                    let (i, o) = (root(node.inputs[ii]), root(node.outputs[oi]));
+                    let fresh = grad_ins[ii].is_some_and(|t| !t.accumulate);
+                    let alone = node.inputs.iter().filter(|&&x| root(x) == i).count() == 1;
+                    let same = graph.desc(i).dtype == graph.desc(o).dtype
+                        && graph.desc(i).numel() == graph.desc(o).numel();
+                    let own = |t: TensorId| {
+                        !matches!(graph.desc(t).role, Role::Param { .. })
+                            && !kept_grads.contains(&t)
+                    };
+                    // Where the output's gradient lives (not in a seed's input).
+                    let target = match grad_alias.get(&o) {
+                        None => Some(StorageKey::Grad(o)),
+                        Some(&k @ StorageKey::Grad(_)) => Some(k),
+                        Some(_) => None,
+                    };
+                    // The output's gradient is read only by this node's
+                    // backward, so from here on it may hold the input's.
+                    if let Some(target) = target.filter(|_| {
+                        fresh && alone && same && own(i) && own(o) && has_grad.contains(&o)
+                    }) {
+                        grad_alias.insert(i, target);
+                        grad_ins[ii] = None;
+                        taken.insert(oi);
+                    }
+                }
                 if grad_ins.iter().all(Option::is_none) {
                     continue;
                 }
@@ -289,7 +324,6 @@ impl Plan {
 
         // 4. Slots -> storages.
         let outputs: HashSet<TensorId> = spec.outputs.iter().map(|&t| root(t)).collect();
-        let kept_grads: HashSet<TensorId> = spec.grads.iter().map(|&t| root(t)).collect();
         let mut storages: Vec<StorageDesc> = Vec::new();
         let mut by_key: HashMap<StorageKey, usize> = HashMap::new();
         let mut slot_storage: HashMap<Slot, usize> = HashMap::new();
@@ -307,10 +341,10 @@ impl Plan {
         let mut storage_of = |slot: Slot, storages: &mut Vec<StorageDesc>| -> (usize, StorageKey) {
             let key = match slot {
                 Slot::Value(t) => StorageKey::Value(root(t)),
-                Slot::Grad(t) => match grad_alias.get(&root(t)) {
-                    Some(&seed) => StorageKey::Value(seed),
-                    None => StorageKey::Grad(root(t)),
-                },
+                Slot::Grad(t) => grad_alias
+                    .get(&root(t))
+                    .copied()
+                    .unwrap_or(StorageKey::Grad(root(t))),
                 Slot::Temp(i) => StorageKey::Temp(i),
                 Slot::Persistent(i) => StorageKey::Persistent(i),
             };

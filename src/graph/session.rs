@@ -6,7 +6,7 @@ use super::emit::{Slot, Window};
 use super::plan::{normalize, Plan, RunSpec, StepStats, StorageDesc};
 use super::{Graph, TensorId};
 use crate::error::{Error, Result};
-use crate::gpu::shader::Storage;
+use crate::gpu::shader::{Access, Storage};
 use crate::gpu::{read_buffer, Gpu, KernelKey};
 use crate::ops::optim::GRAD_SCALER;
 use std::sync::Arc;
@@ -36,7 +36,11 @@ impl Session {
             .iter()
             .map(|(label, bytes)| gpu.storage_buffer(label, *bytes))
             .collect();
-        let dummy = gpu.storage_buffer("unbound", 16);
+        // Header tensors left unbound: one dummy for those a shader only
+        // reads, another for those it writes (a dispatch may not use one
+        // buffer both read-only and writable).
+        let dummy_read = gpu.storage_buffer("unbound (read)", 16);
+        let dummy_write = gpu.storage_buffer("unbound (written)", 16);
 
         // All kernels' params in one uniform buffer, each at an aligned offset.
         let align = gpu.limits.min_uniform_buffer_offset_alignment as usize;
@@ -123,7 +127,10 @@ impl Session {
                             size: wgpu::BufferSize::new(size),
                         })
                     }
-                    None => dummy.as_entire_binding(),
+                    None => match entry.tensors[i].1 {
+                        Access::Read | Access::ReadVec4 => dummy_read.as_entire_binding(),
+                        Access::Write | Access::ReadWrite => dummy_write.as_entire_binding(),
+                    },
                 };
                 entries.push(wgpu::BindGroupEntry {
                     binding: i as u32 + 1,

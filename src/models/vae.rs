@@ -332,7 +332,7 @@ impl Vae {
                 )?;
                 let s = g.reshape(n, &[b, ch, hh * ww])?;
                 let s = g.transpose_last2(s)?;
-                let a = attention(g, "attentions.0", s, None, 1, ch, true)?;
+                let a = attention(g, "attentions.0", s, None, 1, ch, true, None)?;
                 let a = g.transpose_last2(a)?;
                 let a = g.reshape(a, &[b, ch, hh, ww])?;
                 g.add(a, h)?

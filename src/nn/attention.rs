@@ -3,14 +3,18 @@
 //! (diffusers/models/attention_processor.py, attention.py,
 //! transformers/transformer_2d.py).
 
-use super::layers::{conv2d, group_norm, layer_norm, linear, Conv};
+use super::layers::{
+    conv2d, conv2d_residual, group_norm, layer_norm, linear, linear_residual, Conv,
+};
 use crate::error::{shape_err, Result};
 use crate::graph::{Graph, TensorId};
 
 /// `Attention` named `name` on x `[B, S, C]`: self-attention, or
 /// cross-attention over `context` `[B, Sk, Ck]`; `heads` heads of
 /// `head_dim`, scale 1/sqrt(head_dim); q/k/v projections with a bias only when
-/// `qkv_bias`; `to_out.0` always has one.
+/// `qkv_bias`; `to_out.0` always has one and adds `residual` (x's shape)
+/// when given.
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     g: &mut Graph,
     name: &str,
@@ -19,6 +23,7 @@ pub fn attention(
     heads: usize,
     head_dim: usize,
     qkv_bias: bool,
+    residual: Option<TensorId>,
 ) -> Result<TensorId> {
     let c = last_dim(g, x);
     let src = context.unwrap_or(x);
@@ -29,7 +34,10 @@ pub fn attention(
         let k = linear(g, "to_k", src, cs, inner, qkv_bias)?;
         let v = linear(g, "to_v", src, cs, inner, qkv_bias)?;
         let o = g.attention(q, k, v, heads, false)?;
-        linear(g, "to_out.0", o, inner, c, true)
+        match residual {
+            Some(r) => linear_residual(g, "to_out.0", o, [inner, c], r),
+            None => linear(g, "to_out.0", o, inner, c, true),
+        }
     })
 }
 
@@ -39,7 +47,8 @@ fn last_dim(g: &Graph, t: TensorId) -> usize {
 
 /// `BasicTransformerBlock` (layer norms, GEGLU feed-forward of 4x width) on
 /// x `[B, S, C]`: self-attention, cross-attention over `context`, then the
-/// feed-forward, each as a pre-norm residual.
+/// feed-forward, each as a pre-norm residual (added in the epilogue of
+/// to_out.0 and ff.net.2).
 fn basic_transformer_block(
     g: &mut Graph,
     name: &str,
@@ -51,17 +60,23 @@ fn basic_transformer_block(
     let c = last_dim(g, x);
     g.scoped(name, |g| {
         let h = layer_norm(g, "norm1", x, 1e-5)?;
-        let a = attention(g, "attn1", h, None, heads, head_dim, false)?;
-        let x = g.add(a, x)?;
+        let x = attention(g, "attn1", h, None, heads, head_dim, false, Some(x))?;
         let h = layer_norm(g, "norm2", x, 1e-5)?;
-        let a = attention(g, "attn2", h, Some(context), heads, head_dim, false)?;
-        let x = g.add(a, x)?;
+        let x = attention(
+            g,
+            "attn2",
+            h,
+            Some(context),
+            heads,
+            head_dim,
+            false,
+            Some(x),
+        )?;
         let h = layer_norm(g, "norm3", x, 1e-5)?;
         let inner = 4 * c;
         let f = linear(g, "ff.net.0.proj", h, c, 2 * inner, true)?;
         let f = g.geglu(f)?;
-        let f = linear(g, "ff.net.2", f, inner, c, true)?;
-        g.add(f, x)
+        linear_residual(g, "ff.net.2", f, [inner, c], x)
     })
 }
 
@@ -123,13 +138,13 @@ pub fn transformer_2d(
             let block = format!("transformer_blocks.{i}");
             s = basic_transformer_block(g, &block, s, context, t.heads, head_dim)?;
         }
-        let out = if t.linear_projection {
+        if t.linear_projection {
             let p = linear(g, "proj_out", s, c, c, true)?;
-            to_image(g, p)?
+            let p = to_image(g, p)?;
+            g.add(p, x)
         } else {
             let s = to_image(g, s)?;
-            conv2d(g, "proj_out", s, proj_1x1)?
-        };
-        g.add(out, x)
+            conv2d_residual(g, "proj_out", s, proj_1x1, x)
+        }
     })
 }

@@ -33,12 +33,42 @@ pub fn linear_init(
     weight: Init,
     bias: Option<Init>,
 ) -> Result<TensorId> {
+    linear_module(g, name, x, [fan_in, out], weight, bias, None)
+}
+
+/// [`linear`] with a bias, plus `residual` (the output's shape) in the same
+/// kernel: a transformer block's `ff(x) + x` or `attn(x) + x`.
+pub fn linear_residual(
+    g: &mut Graph,
+    name: &str,
+    x: TensorId,
+    [fan_in, out]: [usize; 2],
+    residual: TensorId,
+) -> Result<TensorId> {
+    let init = fan_in_bound(fan_in);
+    linear_module(g, name, x, [fan_in, out], init, Some(init), Some(residual))
+}
+
+/// The parameters of a linear module named `name` and its product with x,
+/// plus `residual`.
+fn linear_module(
+    g: &mut Graph,
+    name: &str,
+    x: TensorId,
+    [fan_in, out]: [usize; 2],
+    weight: Init,
+    bias: Option<Init>,
+    residual: Option<TensorId>,
+) -> Result<TensorId> {
     g.scoped(name, |g| {
         let w = g.module_param("weight", &[out, fan_in], weight)?;
         let b = bias
             .map(|init| g.module_param("bias", &[out], init))
             .transpose()?;
-        g.linear(x, w, b)
+        match residual {
+            Some(r) => g.linear_add(x, w, b, r),
+            None => g.linear(x, w, b),
+        }
     })
 }
 
@@ -68,6 +98,28 @@ impl Conv {
 
 /// `nn.Conv2d` named `name`, with a bias, on x `[N, cin, H, W]`.
 pub fn conv2d(g: &mut Graph, name: &str, x: TensorId, c: Conv) -> Result<TensorId> {
+    conv2d_module(g, name, x, c, None)
+}
+
+/// [`conv2d`] plus `residual` (the output's shape) in the same kernel: a
+/// ResNet block's `shortcut + conv2(h)`.
+pub fn conv2d_residual(
+    g: &mut Graph,
+    name: &str,
+    x: TensorId,
+    c: Conv,
+    residual: TensorId,
+) -> Result<TensorId> {
+    conv2d_module(g, name, x, c, Some(residual))
+}
+
+fn conv2d_module(
+    g: &mut Graph,
+    name: &str,
+    x: TensorId,
+    c: Conv,
+    residual: Option<TensorId>,
+) -> Result<TensorId> {
     g.scoped(name, |g| {
         let fan_in = c.cin * c.kernel * c.kernel;
         let w = g.module_param(
@@ -76,7 +128,11 @@ pub fn conv2d(g: &mut Graph, name: &str, x: TensorId, c: Conv) -> Result<TensorI
             fan_in_bound(fan_in),
         )?;
         let b = g.module_param("bias", &[c.cout], fan_in_bound(fan_in))?;
-        g.conv2d_padded(x, w, Some(b), [c.stride; 2], c.padding)
+        let (stride, pad) = ([c.stride; 2], c.padding);
+        match residual {
+            Some(r) => g.conv2d_add(x, w, Some(b), stride, pad, r),
+            None => g.conv2d_padded(x, w, Some(b), stride, pad),
+        }
     })
 }
 

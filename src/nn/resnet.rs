@@ -1,7 +1,7 @@
 //! diffusers' `ResnetBlock2D`, `Downsample2D` and `Upsample2D`
 //! (diffusers/models/resnet.py, upsampling.py, downsampling.py).
 
-use super::layers::{conv2d, group_norm, linear, Conv};
+use super::layers::{conv2d, conv2d_residual, group_norm, linear, Conv};
 use crate::error::Result;
 use crate::graph::{Graph, TensorId};
 
@@ -42,13 +42,13 @@ pub fn resnet_block_2d(
             h = g.add(h, t)?;
         }
         let h = group_norm(g, "norm2", h, r.groups, r.eps, true)?;
-        let h = conv2d(g, "conv2", h, Conv::same(r.cout, r.cout, 3))?;
         let shortcut = if r.cin != r.cout {
             conv2d(g, "conv_shortcut", x, Conv::same(r.cin, r.cout, 1))?
         } else {
             x
         };
-        let out = g.add(shortcut, h)?;
+        // conv2's epilogue adds the shortcut.
+        let out = conv2d_residual(g, "conv2", h, Conv::same(r.cout, r.cout, 3), shortcut)?;
         Ok(if r.out_scale != 1.0 {
             g.scale(out, 1.0 / r.out_scale)
         } else {

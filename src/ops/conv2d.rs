@@ -4,10 +4,10 @@
 //! data gradient (the transposed convolution) and weight gradient gather their
 //! operands directly; the bias gradient is a broadcast reduction.
 
-use super::elementwise::{broadcast_layout, emit_broadcast_reduce};
+use super::elementwise::{broadcast_layout, emit_broadcast_reduce, emit_grad_copy};
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
-use crate::graph::{Emit, Graph, Kernel, OpKernels, Slot, TensorId};
+use crate::graph::{Emit, GradTarget, Graph, Kernel, OpKernels, Slot, TensorId};
 
 /// Attributes of a convolution node (inputs: x, weight, and bias when `bias`).
 #[derive(Clone, Debug)]
@@ -20,6 +20,9 @@ pub struct Conv2d {
     /// downsampler pads only bottom and right).
     pub padding_end: [usize; 2],
     pub bias: bool,
+    /// A tensor of the output's shape added in the same kernel (a ResNet
+    /// block's skip connection); the input after the bias.
+    pub residual: bool,
 }
 
 /// The sizes of one convolution.
@@ -79,6 +82,11 @@ impl Conv2d {
         })
     }
 
+    /// The input index of the residual (after the bias).
+    fn residual_input(&self) -> usize {
+        2 + self.bias as usize
+    }
+
     fn geom_of(&self, g: &Graph, i: &[TensorId]) -> Result<Geom> {
         self.geom(g.shape(i[0]), g.shape(i[1]))
             .map_err(|m| shape_err("conv2d", m))
@@ -121,6 +129,8 @@ struct ConvLaunch {
     x: Slot,
     w: Slot,
     bias: Option<Slot>,
+    /// Added to the output (same layout as y).
+    residual: Option<Slot>,
     y: Slot,
     /// Read w as the data gradient of a stride-1 conv does (see `w_index`).
     flip: bool,
@@ -188,6 +198,9 @@ fn emit_conv(e: &mut Emit, l: ConvLaunch) {
     if let Some(b) = l.bias {
         k = k.bind("bias", b).konst("HAS_BIAS", "true");
     }
+    if let Some(r) = l.residual {
+        k = k.bind("res", r).konst("HAS_RES", "true");
+    }
     e.push(k);
 }
 
@@ -239,6 +252,7 @@ impl Conv2d {
                 x: src,
                 w,
                 bias: None,
+                residual: None,
                 y: dx,
                 flip: true,
                 beta,
@@ -248,18 +262,21 @@ impl Conv2d {
 }
 
 impl Conv2d {
-    /// dw = beta*dw + sum over n, oy, ox of dy x im2col(x). The output rows
-    /// are split into chunks when that is needed to fill a GPU; chunks write
-    /// partial sums to scratch that a fixed-order reduction then adds up.
+    /// dw = beta*dw + sum over n, oy, ox of dy x im2col(x), and the bias
+    /// gradient `db` when asked. The output rows are split into chunks when
+    /// that is needed to fill a GPU; chunks write partial sums to scratch that
+    /// a fixed-order reduction then adds up. With one chunk the same kernel
+    /// sums db from the dy it loads.
     fn emit_grad_weight(
         &self,
         e: &mut Emit,
         d: &Geom,
         x: Slot,
         dy: Slot,
-        dw: Slot,
-        beta: f32,
+        dw: GradTarget,
+        db: Option<GradTarget>,
     ) -> Result<()> {
+        let (dw, beta) = (dw.slot, dw.beta());
         let sg = use_subgroups(e);
         let wg = if sg { 8 } else { tile(e).2 };
         let numel = d.co * d.ci * d.kh * d.kw;
@@ -280,6 +297,7 @@ impl Conv2d {
         } else {
             (e.temp("dw_partial", chunks * numel, DType::F32), 0.0)
         };
+        let fused_db = db.filter(|_| chunks == 1);
         let mut k = if sg {
             self.kernel("conv2d_grad_weight_sg", d)
         } else {
@@ -294,8 +312,15 @@ impl Conv2d {
             .u32(rows_per_chunk)
             .u32(numel)
             .f32(out_beta)
+            .f32(fused_db.map_or(0.0, |t| t.beta()))
             .groups(gx as u32, gy as u32, (taps * chunks) as u32);
+        if let Some(db) = fused_db {
+            k = k.bind("db", db.slot).konst("HAS_DB", "true");
+        }
         e.push(k);
+        if let (Some(db), None) = (db, fused_db) {
+            emit_grad_bias(e, d, dy, db)?;
+        }
         if chunks > 1 {
             // The [chunks, numel] partial sums reduce over their first axis.
             let l = broadcast_layout(&[chunks, numel], &[1, numel])
@@ -304,6 +329,14 @@ impl Conv2d {
         }
         Ok(())
     }
+}
+
+/// db = beta*db + dy summed over everything but its channels.
+fn emit_grad_bias(e: &mut Emit, d: &Geom, dy: Slot, db: GradTarget) -> Result<()> {
+    let l = broadcast_layout(&[d.n, d.co, d.oh * d.ow], &[1, d.co, 1])
+        .map_err(|m| shape_err("conv2d", m))?;
+    emit_broadcast_reduce(e, db.slot, dy, None, &l, db.beta());
+    Ok(())
 }
 
 impl Graph {
@@ -340,13 +373,40 @@ impl Graph {
         weight: TensorId,
         bias: Option<TensorId>,
         stride: [usize; 2],
+        padding: [usize; 4],
+    ) -> Result<TensorId> {
+        self.conv2d_node(x, weight, bias, stride, padding, None)
+    }
+
+    /// `conv2d_padded(x, weight, bias, stride, padding) + residual` in one
+    /// kernel (residual of the output's shape).
+    pub fn conv2d_add(
+        &mut self,
+        x: TensorId,
+        weight: TensorId,
+        bias: Option<TensorId>,
+        stride: [usize; 2],
+        padding: [usize; 4],
+        residual: TensorId,
+    ) -> Result<TensorId> {
+        self.conv2d_node(x, weight, bias, stride, padding, Some(residual))
+    }
+
+    fn conv2d_node(
+        &mut self,
+        x: TensorId,
+        weight: TensorId,
+        bias: Option<TensorId>,
+        stride: [usize; 2],
         [top, left, bottom, right]: [usize; 4],
+        residual: Option<TensorId>,
     ) -> Result<TensorId> {
         let op = Conv2d {
             stride,
             padding: [top, left],
             padding_end: [bottom, right],
             bias: bias.is_some(),
+            residual: residual.is_some(),
         };
         let d = op
             .geom(self.shape(x), self.shape(weight))
@@ -366,14 +426,35 @@ impl Graph {
             }
             inputs.push(b);
         }
+        let out = vec![d.n, d.co, d.oh, d.ow];
+        if let Some(r) = residual {
+            if self.shape(r) != out.as_slice() {
+                return Err(shape_err(
+                    "conv2d",
+                    format!(
+                        "residual {:?} must be the output's shape {out:?}",
+                        self.shape(r)
+                    ),
+                ));
+            }
+            inputs.push(r);
+        }
         let dt = self.dtype(x);
-        Ok(self.add_node(op.into(), &inputs, &[(vec![d.n, d.co, d.oh, d.ow], dt)])[0])
+        Ok(self.add_node(op.into(), &inputs, &[(out, dt)])[0])
     }
 }
 
 impl OpKernels for Conv2d {
     fn kind(&self) -> &'static str {
         "conv2d"
+    }
+
+    fn grad_passthrough(&self, _g: &Graph, _i: &[TensorId]) -> Vec<(usize, usize)> {
+        if self.residual {
+            vec![(self.residual_input(), 0)]
+        } else {
+            Vec::new()
+        }
     }
 
     fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
@@ -387,6 +468,7 @@ impl OpKernels for Conv2d {
                 x: Slot::Value(i[0]),
                 w: Slot::Value(i[1]),
                 bias: self.bias.then(|| Slot::Value(i[2])),
+                residual: self.residual.then(|| Slot::Value(i[self.residual_input()])),
                 y: Slot::Value(o[0]),
                 flip: false,
                 beta: 0.0,
@@ -403,15 +485,14 @@ impl OpKernels for Conv2d {
         if let Some(dx) = e.grad_in(0) {
             self.emit_grad_input(e, &d, dy, Slot::Value(i[1]), dx.slot, dx.beta());
         }
-        if let Some(dw) = e.grad_in(1) {
-            self.emit_grad_weight(e, &d, Slot::Value(i[0]), dy, dw.slot, dw.beta())?;
+        if let Some(dr) = e.grad_in(self.residual_input()).filter(|_| self.residual) {
+            emit_grad_copy(e, dr, dy, e.numel(i[self.residual_input()]));
         }
-        if self.bias {
-            if let Some(db) = e.grad_in(2) {
-                let l = broadcast_layout(&[d.n, d.co, d.oh * d.ow], &[1, d.co, 1])
-                    .map_err(|m| shape_err("conv2d", m))?;
-                emit_broadcast_reduce(e, db.slot, dy, None, &l, db.beta());
-            }
+        let db = e.grad_in(2).filter(|_| self.bias);
+        match (e.grad_in(1), db) {
+            (Some(dw), db) => self.emit_grad_weight(e, &d, Slot::Value(i[0]), dy, dw, db)?,
+            (None, Some(db)) => emit_grad_bias(e, &d, dy, db)?,
+            (None, None) => {}
         }
         Ok(())
     }
@@ -676,6 +757,63 @@ mod tests {
             bias: false,
         };
         c.check("conv_k3_s1_pad2013_1x2x5x7_to_3", DType::F32);
+    }
+
+    /// One weight and bias applied to two inputs: the second backward
+    /// accumulates into dw and db. One output row keeps the portable weight
+    /// gradient in one chunk, so both kernels sum db themselves; 18 output
+    /// channels cross a 16-channel block.
+    #[test]
+    fn shared_conv_accumulates_weight_and_bias_gradients() {
+        let (x, co) = ([1, 3, 1, 6], 18);
+        let inputs = [
+            CaseInput::act(&x),
+            CaseInput::act(&x),
+            CaseInput::param(&[co, x[1], 3, 3]),
+            CaseInput::param(&[co]),
+        ];
+        let build = |g: &mut Graph, t: &[TensorId]| {
+            let y0 = g.conv2d_padded(t[0], t[2], Some(t[3]), [1; 2], [1; 4])?;
+            let y1 = g.conv2d_padded(t[1], t[2], Some(t[3]), [1; 2], [1; 4])?;
+            g.add(y0, y1)
+        };
+        let reference = |v: &[Vec<f64>]| {
+            let conv =
+                |xv: &[f64]| conv2d_cpu(xv, &v[2], Some(&v[3]), x, [co, 3, 3], [1; 2], [1; 4]);
+            let (y0, y1) = (conv(&v[0]), conv(&v[1]));
+            y0.iter().zip(&y1).map(|(a, b)| a + b).collect()
+        };
+        check_op(
+            "shared_conv",
+            &inputs,
+            &build,
+            &reference,
+            DType::F32,
+            false,
+        );
+        check_op_portable("shared_conv", &inputs, &build, &reference, DType::F32);
+    }
+
+    /// `conv + residual` in the forward kernel's epilogue (both the vector
+    /// and the scalar store: OW = 6), subgroup and portable kernels.
+    #[test]
+    fn conv_with_residual_epilogue() {
+        let (x, co) = ([2, 3, 5, 6], 5);
+        let inputs = [
+            CaseInput::act(&x),
+            CaseInput::param(&[co, x[1], 3, 3]),
+            CaseInput::param(&[co]),
+            CaseInput::act(&[2, co, 5, 6]),
+        ];
+        let build = |g: &mut Graph, t: &[TensorId]| {
+            g.conv2d_add(t[0], t[1], Some(t[2]), [1; 2], [1; 4], t[3])
+        };
+        let reference = |v: &[Vec<f64>]| {
+            let y = conv2d_cpu(&v[0], &v[1], Some(&v[2]), x, [co, 3, 3], [1; 2], [1; 4]);
+            y.iter().zip(&v[3]).map(|(a, r)| a + r).collect()
+        };
+        check_op_all_dtypes("conv_residual", &inputs, &build, &reference);
+        check_op_portable("conv_residual", &inputs, &build, &reference, DType::F32);
     }
 
     #[test]

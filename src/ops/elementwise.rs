@@ -3,7 +3,7 @@
 
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
-use crate::graph::{Emit, Graph, Kernel, OpKernels, Slot, TensorId};
+use crate::graph::{Emit, GradTarget, Graph, Kernel, OpKernels, Slot, TensorId};
 
 const WG: u32 = 256;
 
@@ -258,6 +258,17 @@ pub(crate) fn emit_broadcast(
     e.push(k.f32(beta).groups_1d(n, WG));
 }
 
+/// dst = beta*dst + src over `numel` elements: a gradient that passes
+/// through an op unchanged, where the planner could not share its storage.
+pub(crate) fn emit_grad_copy(e: &mut Emit, dst: GradTarget, src: Slot, numel: usize) {
+    let whole = BroadcastLayout {
+        dims: [1, 1, 1, numel],
+        b_dims: [1, 1, 1, numel],
+        b_strides: [0, 0, 0, 1],
+    };
+    emit_broadcast(e, dst.slot, None, src, &whole, 2, dst.beta());
+}
+
 /// db = beta*db + sum over broadcast dims of dy (* m).
 pub(crate) fn emit_broadcast_reduce(
     e: &mut Emit,
@@ -344,6 +355,15 @@ impl OpKernels for Binary {
         }
     }
 
+    /// a + b with b of a's shape: both gradients are the output's.
+    fn grad_passthrough(&self, g: &Graph, i: &[TensorId]) -> Vec<(usize, usize)> {
+        if self.kind == BinaryKind::Add && g.shape(i[0]) == g.shape(i[1]) {
+            vec![(0, 0), (1, 0)]
+        } else {
+            Vec::new()
+        }
+    }
+
     fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
         let l = broadcast_layout(e.shape(i[0]), e.shape(i[1]))
             .map_err(|m| shape_err(self.kind(), m))?;
@@ -365,12 +385,9 @@ impl OpKernels for Binary {
         };
         let l = broadcast_layout(e.shape(i[0]), e.shape(i[1]))
             .map_err(|m| shape_err(self.kind(), m))?;
-        let full = broadcast_layout(e.shape(i[0]), e.shape(i[0]))
-            .map_err(|m| shape_err(self.kind(), m))?;
         if let Some(da) = e.grad_in(0) {
             match self.kind {
-                // da = dy: copy through a broadcast of dy onto itself.
-                BinaryKind::Add => emit_broadcast(e, da.slot, None, dy, &full, 2, da.beta()),
+                BinaryKind::Add => emit_grad_copy(e, da, dy, e.numel(i[0])),
                 // da = dy * b
                 BinaryKind::Mul => {
                     emit_broadcast(e, da.slot, Some(dy), Slot::Value(i[1]), &l, 1, da.beta())
@@ -551,6 +568,63 @@ mod tests {
                 f(a[i], b[bi])
             })
             .collect()
+    }
+
+    /// Residual adds hand their output's gradient to one input without a
+    /// copy where that is safe (a fresh gradient that is not a parameter's,
+    /// a seed's or kept, at most one input per output, not both inputs one
+    /// tensor); the others still copy or accumulate. Gradients match finite
+    /// differences through every case.
+    #[test]
+    fn residual_gradients_pass_through_without_copies() {
+        use crate::graph::{Plan, RunSpec};
+        // y = 2x + x; z = y + y; out = (z * w + y) * 1.5
+        let build = |g: &mut Graph, t: &[TensorId]| {
+            let h = g.scale(t[0], 2.0);
+            let y = g.add(h, t[0])?;
+            let z = g.add(y, y)?;
+            let zw = g.mul(z, t[1])?;
+            let o = g.add(zw, y)?;
+            Ok(g.scale(o, 1.5))
+        };
+        let reference = |v: &[Vec<f64>]| {
+            v[0].iter()
+                .zip(&v[1])
+                .map(|(x, w)| 1.5 * (6.0 * x * w + 3.0 * x))
+                .collect()
+        };
+        let inputs = [CaseInput::act(&[3, 5]), CaseInput::act(&[3, 5])];
+        check_op(
+            "residual_chain",
+            &inputs,
+            &build,
+            &reference,
+            DType::F32,
+            false,
+        );
+
+        let mut g = Graph::new();
+        let x = g.input_with_grad("x", &[3, 5], DType::F32);
+        let w = g.input_with_grad("w", &[3, 5], DType::F32);
+        let out = build(&mut g, &[x, w]).unwrap();
+        let seed = g.input("seed", &[3, 5], DType::F32);
+        let spec = RunSpec {
+            outputs: vec![out],
+            seeds: vec![(out, seed)],
+            grads: vec![x, w],
+            ..Default::default()
+        };
+        let plan = Plan::build(&g, &crate::ops::testing::gpu().caps, &spec).unwrap();
+        let add_backward: Vec<&str> = plan
+            .kernels
+            .iter()
+            .filter(|k| k.node.starts_with("add#") && k.node.ends_with(".backward"))
+            .map(|k| k.node.as_str())
+            .collect();
+        // add(zw, y): zw takes the output's gradient, y gets a copy; add(y, y)
+        // writes dy twice (one launch writes, one adds); add(h, x): h takes
+        // it, x (kept) gets a copy. Without passing through: 6 launches.
+        assert_eq!(add_backward.len(), 4, "{add_backward:?}");
     }
 
     #[test]

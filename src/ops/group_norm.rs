@@ -233,7 +233,8 @@ pub(crate) fn emit_norm_backward(
             .bind("mean", Slot::Value(o[1]))
             .bind("rstd", Slot::Value(o[2]))
     };
-    // Parameter-gradient partials: (slot, half, K, L) for norm_param_reduce.
+    // Parameter-gradient partials: (slot, half, K, L) for norm_param_reduce
+    // (gamma's from 0, beta's from `half`).
     let mut partials = None;
     // Chunks are channels: the row kernel writes per-lane partials.
     let row_partials = params && !v.flat();
@@ -274,25 +275,29 @@ pub(crate) fn emit_norm_backward(
         );
         partials = Some((part, half, half / v.channels, 1));
     }
-    let Some((part, half, k, l)) = partials else {
+    let Some((part, half, k_rows, l)) = partials else {
         return;
     };
-    for (target, offset) in [(dgamma, 0), (dbeta, half)] {
-        if let Some(t) = target {
-            e.push(
-                Kernel::new("group_norm", "norm_param_reduce")
-                    .konst("WG", format!("{WG}u"))
-                    .bind("part", part)
-                    .bind("dp", t.slot)
-                    .u32(v.channels)
-                    .u32(k)
-                    .u32(l)
-                    .u32(offset)
-                    .f32(t.beta())
-                    .groups_1d(v.channels, WG),
-            );
-        }
+    let mut k = Kernel::new("group_norm", "norm_param_reduce")
+        .konst("WG", format!("{WG}u"))
+        .konst("GAMMA", dgamma.is_some())
+        .konst("BETA", dbeta.is_some())
+        .bind("part", part);
+    if let Some(t) = dgamma {
+        k = k.bind("dgamma", t.slot);
     }
+    if let Some(t) = dbeta {
+        k = k.bind("dbeta", t.slot);
+    }
+    e.push(
+        k.u32(v.channels)
+            .u32(k_rows)
+            .u32(l)
+            .u32(half)
+            .f32(dgamma.map_or(0.0, |t| t.beta()))
+            .f32(dbeta.map_or(0.0, |t| t.beta()))
+            .groups_1d(2 * v.channels, WG),
+    );
 }
 
 impl OpKernels for GroupNorm {

@@ -1,21 +1,25 @@
 //! Batched matmul and linear layers. Forward and both backward products run
-//! the one strided GEMM kernel in `shaders/matmul.wgsl`; the bias gradient is
-//! a column sum (`elementwise::broadcast_reduce`).
+//! the one strided GEMM kernel in `shaders/matmul.wgsl`. A linear layer's
+//! bias gradient comes out of its weight gradient's GEMM (the row sums of
+//! dC^T); other bias gradients are a column sum (`elementwise::broadcast_reduce`).
 
-use super::elementwise::{broadcast_layout, emit_broadcast_reduce};
+use super::elementwise::{broadcast_layout, emit_broadcast_reduce, emit_grad_copy};
 use crate::error::{shape_err, Result};
-use crate::graph::{Emit, Graph, Kernel, OpKernels, Slot, TensorId};
+use crate::graph::{Emit, GradTarget, Graph, Kernel, OpKernels, Slot, TensorId};
 
-/// `out = op(a) @ op(b) (+ bias)`, op = transpose when asked.
+/// `out = op(a) @ op(b) (+ bias) (+ residual)`, op = transpose when asked.
 ///
 /// Shapes: a `[.., M, K]` (`[.., K, M]` transposed); b `[K, N]` (`[N, K]`
 /// transposed) shared by every batch, or `[.., K, N]` with a's batch dims;
-/// bias `[N]`; out `[.., M, N]`.
+/// bias `[N]`; residual and out `[.., M, N]`. Inputs: a, b, then bias and
+/// residual when present. The residual add of a transformer block is the
+/// GEMM's epilogue, not a pass of its own.
 #[derive(Clone, Debug)]
 pub struct Matmul {
     pub trans_a: bool,
     pub trans_b: bool,
     pub bias: bool,
+    pub residual: bool,
 }
 
 /// A(z, m, k) = buf[z * bs + m * rs + k * cs]
@@ -36,8 +40,12 @@ struct Gemm {
     a: Operand,
     b: Operand,
     bias: Option<Slot>,
+    /// Added to the product (same layout as c).
+    residual: Option<Slot>,
     c: Slot,
     beta: f32,
+    /// Also write rowsum = beta' * rowsum + sum_k A(m, k) (batch 1 only).
+    rowsum: Option<GradTarget>,
 }
 
 /// Register tile and workgroup width per adapter: (RB, CB, WGX): each
@@ -99,8 +107,15 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
     if let Some(bias) = g.bias {
         k = k.bind("bias", bias).konst("HAS_BIAS", "true");
     }
+    if let Some(r) = g.residual {
+        k = k.bind("res", r).konst("HAS_RES", "true");
+    }
     if direct {
         k = k.konst("DIRECT_B", "true");
+    }
+    if let Some(r) = g.rowsum {
+        debug_assert_eq!(g.batch, 1, "GEMM row sums of several batches");
+        k = k.bind("rowsum", r.slot).konst("ROWSUM", "true");
     }
     let k = k
         .u32(g.m)
@@ -113,6 +128,7 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
         .f32(g.beta)
         .u32(g.b.bs)
         .u32(g.b.rs)
+        .f32(g.rowsum.map_or(0.0, |r| r.beta()))
         .groups(panels as u32, g.m.div_ceil(tm) as u32, g.batch as u32);
     e.push(k);
 }
@@ -128,6 +144,11 @@ struct Dims {
 }
 
 impl Matmul {
+    /// The input index of the residual (after the bias).
+    fn residual_input(&self) -> usize {
+        2 + self.bias as usize
+    }
+
     fn dims(&self, a: &[usize], b: &[usize]) -> std::result::Result<Dims, String> {
         if a.len() < 2 || b.len() < 2 {
             return Err(format!(
@@ -234,6 +255,7 @@ impl Graph {
                 trans_a,
                 trans_b,
                 bias: false,
+                residual: false,
             },
             &[a, b],
         )
@@ -246,15 +268,40 @@ impl Graph {
         weight: TensorId,
         bias: Option<TensorId>,
     ) -> Result<TensorId> {
+        self.linear_node(x, weight, bias, None)
+    }
+
+    /// `linear(x, weight, bias) + residual` in one kernel (residual of the
+    /// output's shape).
+    pub fn linear_add(
+        &mut self,
+        x: TensorId,
+        weight: TensorId,
+        bias: Option<TensorId>,
+        residual: TensorId,
+    ) -> Result<TensorId> {
+        self.linear_node(x, weight, bias, Some(residual))
+    }
+
+    fn linear_node(
+        &mut self,
+        x: TensorId,
+        weight: TensorId,
+        bias: Option<TensorId>,
+        residual: Option<TensorId>,
+    ) -> Result<TensorId> {
         let op = Matmul {
             trans_a: false,
             trans_b: true,
             bias: bias.is_some(),
+            residual: residual.is_some(),
         };
-        match bias {
-            Some(b) => self.matmul_node(op, &[x, weight, b]),
-            None => self.matmul_node(op, &[x, weight]),
-        }
+        let inputs: Vec<TensorId> = [x, weight]
+            .into_iter()
+            .chain(bias)
+            .chain(residual)
+            .collect();
+        self.matmul_node(op, &inputs)
     }
 
     fn matmul_node(&mut self, op: Matmul, inputs: &[TensorId]) -> Result<TensorId> {
@@ -276,6 +323,15 @@ impl Graph {
             a[a.len() - 2]
         };
         out.extend([m, d.n]);
+        if op.residual && self.shape(inputs[op.residual_input()]) != out.as_slice() {
+            return Err(shape_err(
+                "matmul",
+                format!(
+                    "residual {:?} must be the output's shape {out:?}",
+                    self.shape(inputs[op.residual_input()])
+                ),
+            ));
+        }
         let dt = self.dtype(inputs[0]);
         Ok(self.add_node(op.into(), inputs, &[(out, dt)])[0])
     }
@@ -284,6 +340,14 @@ impl Graph {
 impl OpKernels for Matmul {
     fn kind(&self) -> &'static str {
         "matmul"
+    }
+
+    fn grad_passthrough(&self, _g: &Graph, _i: &[TensorId]) -> Vec<(usize, usize)> {
+        if self.residual {
+            vec![(self.residual_input(), 0)]
+        } else {
+            Vec::new()
+        }
     }
 
     fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
@@ -298,8 +362,10 @@ impl OpKernels for Matmul {
             a: self.a_operand(Slot::Value(i[0]), &d),
             b: self.b_operand(Slot::Value(i[1]), &d),
             bias: self.bias.then(|| Slot::Value(i[2])),
+            residual: self.residual.then(|| Slot::Value(i[self.residual_input()])),
             c: Slot::Value(o[0]),
             beta: 0.0,
+            rowsum: None,
         };
         emit_gemm(e, g);
         Ok(())
@@ -331,8 +397,10 @@ impl OpKernels for Matmul {
                     a: b,
                     b: t(dc_op),
                     bias: None,
+                    residual: None,
                     c: da.slot,
                     beta: da.beta(),
+                    rowsum: None,
                 }
             } else {
                 Gemm {
@@ -343,12 +411,17 @@ impl OpKernels for Matmul {
                     a: dc_op,
                     b: t(b),
                     bias: None,
+                    residual: None,
                     c: da.slot,
                     beta: da.beta(),
+                    rowsum: None,
                 }
             };
             emit_gemm(e, g);
         }
+        // A linear layer's bias gradient: the row sums of dC^T, the A of dB^T.
+        let dbias = e.grad_in(2).filter(|_| self.bias);
+        let fused_dbias = dbias.filter(|_| self.trans_b && d.shared_b && e.grad_in(1).is_some());
         if let Some(db) = e.grad_in(1) {
             // dB = A^T dC (K x N); stored transposed when b was: dB^T = dC^T A.
             // A shared b was folded into M, so this sums over the batch too.
@@ -361,8 +434,10 @@ impl OpKernels for Matmul {
                     a: t(dc_op),
                     b: a,
                     bias: None,
+                    residual: None,
                     c: db.slot,
                     beta: db.beta(),
+                    rowsum: fused_dbias,
                 }
             } else {
                 Gemm {
@@ -373,18 +448,21 @@ impl OpKernels for Matmul {
                     a: t(a),
                     b: dc_op,
                     bias: None,
+                    residual: None,
                     c: db.slot,
                     beta: db.beta(),
+                    rowsum: None,
                 }
             };
             emit_gemm(e, g);
         }
-        if self.bias {
-            if let Some(dbias) = e.grad_in(2) {
-                let l = broadcast_layout(&[d.batch * d.m, d.n], &[d.n])
-                    .map_err(|m| shape_err("matmul", m))?;
-                emit_broadcast_reduce(e, dbias.slot, dc, None, &l, dbias.beta());
-            }
+        if let Some(dr) = e.grad_in(self.residual_input()).filter(|_| self.residual) {
+            emit_grad_copy(e, dr, dc, e.numel(i[self.residual_input()]));
+        }
+        if let (Some(dbias), None) = (dbias, fused_dbias) {
+            let l = broadcast_layout(&[d.batch * d.m, d.n], &[d.n])
+                .map_err(|m| shape_err("matmul", m))?;
+            emit_broadcast_reduce(e, dbias.slot, dc, None, &l, dbias.beta());
         }
         Ok(())
     }
@@ -479,6 +557,85 @@ mod tests {
                     },
                 )
             },
+        );
+    }
+
+    /// A weight and bias shared by two linear layers: the second backward
+    /// accumulates into both gradients, on the subgroup and portable GEMMs
+    /// (the bias gradient is the weight-gradient GEMM's row sums). M = 10 is
+    /// not a multiple of the subgroup's k block.
+    #[test]
+    fn shared_linear_accumulates_weight_and_bias_gradients() {
+        let shape = MatmulShape {
+            batch: 1,
+            m: 10,
+            n: 9,
+            k: 7,
+            trans_a: false,
+            trans_b: true,
+            shared_b: true,
+        };
+        let inputs = [
+            CaseInput::act(&[10, 7]),
+            CaseInput::act(&[10, 7]),
+            CaseInput::param(&[9, 7]),
+            CaseInput::param(&[9]),
+        ];
+        let build = |g: &mut Graph, x: &[TensorId]| {
+            let y0 = g.linear(x[0], x[2], Some(x[3]))?;
+            let y1 = g.linear(x[1], x[2], Some(x[3]))?;
+            g.add(y0, y1)
+        };
+        let reference = |x: &[Vec<f64>]| {
+            let y0 = matmul_cpu(&x[0], &x[2], Some(&x[3]), shape);
+            let y1 = matmul_cpu(&x[1], &x[2], Some(&x[3]), shape);
+            y0.iter().zip(&y1).map(|(a, b)| a + b).collect()
+        };
+        check_op(
+            "shared_linear",
+            &inputs,
+            &build,
+            &reference,
+            DType::F32,
+            false,
+        );
+        check_op_portable("shared_linear", &inputs, &build, &reference, DType::F32);
+    }
+
+    /// `linear + residual` in the GEMM's epilogue, on the subgroup and the
+    /// portable kernels; the residual's gradient is the output's.
+    #[test]
+    fn linear_with_residual_epilogue() {
+        let shape = MatmulShape {
+            batch: 1,
+            m: 10,
+            n: 9,
+            k: 7,
+            trans_a: false,
+            trans_b: true,
+            shared_b: true,
+        };
+        let inputs = [
+            CaseInput::act(&[2, 5, 7]),
+            CaseInput::param(&[9, 7]),
+            CaseInput::param(&[9]),
+            CaseInput::act(&[2, 5, 9]),
+        ];
+        let build = |g: &mut Graph, x: &[TensorId]| g.linear_add(x[0], x[1], Some(x[2]), x[3]);
+        let reference = |x: &[Vec<f64>]| {
+            let y = matmul_cpu(&x[0], &x[1], Some(&x[2]), shape);
+            y.iter().zip(&x[3]).map(|(a, r)| a + r).collect()
+        };
+        check_op_all_dtypes("linear_residual", &inputs, &build, &reference);
+        check_op_portable("linear_residual", &inputs, &build, &reference, DType::F32);
+        let mut g = Graph::new();
+        let x = g.input("x", &[2, 5, 7], DType::F32);
+        let w = g.param("w", &[9, 7]);
+        let r = g.input("r", &[2, 5, 8], DType::F32);
+        let err = g.linear_add(x, w, None, r).unwrap_err().to_string();
+        assert!(
+            err.contains("[2, 5, 8]") && err.contains("[2, 5, 9]"),
+            "{err}"
         );
     }
 
