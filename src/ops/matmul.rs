@@ -52,16 +52,18 @@ struct Gemm {
 /// invocation owns 4 RB rows x 4 CB columns, a workgroup WGX invocations.
 /// CPU adapters (llvmpipe) run a workgroup of 8 as one SIMD group and favour
 /// big register tiles; GPUs want wide workgroups for coalesced B reads.
-fn tile(e: &Emit) -> (usize, usize, usize) {
+/// On CPU adapters a product at most 32 columns wide takes 4-column tiles:
+/// a 64-wide panel would leave half its lanes computing zeros.
+fn tile(e: &Emit, n: usize) -> (usize, usize, usize) {
     if e.caps.is_cpu {
-        (8, 2, 8)
+        (8, if n <= 32 { 1 } else { 2 }, 8)
     } else {
         (2, 1, 64)
     }
 }
 
 fn emit_gemm(e: &mut Emit, g: Gemm) {
-    let (rb, cb, wgx) = tile(e);
+    let (rb, cb, wgx) = tile(e, g.n);
     let (tm, pw) = (4 * rb, 4 * cb * wgx);
     let panels = g.n.div_ceil(pw);
     // 1. Pack B into PW-wide panels (zero past N), unless the kernel can read
