@@ -280,3 +280,64 @@ fn dream_pass_keeps_no_activations() {
         "DREAM's pass must not keep activations: {dream} vs {plain} bytes"
     );
 }
+
+/// Gradient checkpointing recomputes each UNet block in backward with the
+/// same kernels, so the step's results are bit for bit those without it
+/// (with and without DREAM), while the pool holds fewer activations.
+#[test]
+fn gradient_checkpointing_same_step_less_memory() {
+    use difftrain::graph::Plan;
+    use difftrain::models::UNet;
+    use difftrain::train::single_step::{adamw, noise_schedule, step_options};
+    use difftrain::train::step::{StepShape, TrainStep};
+
+    let dir = fixture("train_step");
+    let inputs = TensorFile::read(&dir.join("inputs.safetensors")).unwrap();
+    for case in ["eps", "v_dream_p05"] {
+        let mut config = Config::load(Some(&dir.join(format!("{case}.toml"))), &[]).unwrap();
+        let plain = single_step(gpu(), &dir.join("unet"), &inputs, &config).unwrap();
+        config.train.gradient_checkpointing = true;
+        let ckpt = single_step(gpu(), &dir.join("unet"), &inputs, &config).unwrap();
+        assert_eq!(plain.tensors.len(), ckpt.tensors.len());
+        for (name, t) in &plain.tensors {
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&t.values),
+                bits(&ckpt.get(name).unwrap().values),
+                "{case}: {name} differs with gradient checkpointing"
+            );
+        }
+    }
+
+    let unet = UNet::from_config_file(&dir.join("unet/config.json")).unwrap();
+    let shape = StepShape {
+        batch: 4,
+        height: 32,
+        width: 32,
+        text_len: 7,
+        text_dim: 12,
+    };
+    let plan = |checkpointing: bool| {
+        let mut config = Config::load(Some(&dir.join("eps.toml")), &[]).unwrap();
+        config.train.gradient_checkpointing = checkpointing;
+        let schedule = noise_schedule(&dir.join("unet"), &config).unwrap();
+        let opts = step_options(&config, &schedule, false).unwrap();
+        let step = TrainStep::build(&unet, shape, &opts).unwrap();
+        let spec = step.run_spec(adamw(&config, 1e-3), false, false);
+        let plan = Plan::build(&step.graph, &gpu().caps, &spec).unwrap();
+        (plan.stats.pooled_bytes, plan.stats.dispatches)
+    };
+    let (plain, plain_dispatches) = plan(false);
+    let (ckpt, ckpt_dispatches) = plan(true);
+    println!(
+        "pooled bytes {plain} -> {ckpt} with checkpointing; dispatches {plain_dispatches} -> {ckpt_dispatches}"
+    );
+    assert!(
+        ckpt_dispatches > plain_dispatches,
+        "recomputation adds dispatches"
+    );
+    assert!(
+        (ckpt as f64) < 0.8 * plain as f64,
+        "checkpointing must keep fewer activations: {ckpt} vs {plain} bytes"
+    );
+}

@@ -139,6 +139,10 @@ pub struct TrainBenchArgs {
     /// Also time the step with DREAM (its extra no-grad UNet pass).
     #[arg(long)]
     dream: bool,
+    /// Also time the step with gradient checkpointing (each UNet block's activations
+    /// recomputed in backward instead of kept): the memory / time trade-off side by side.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Timed steps after the first (cold) step and one more warm-up step; the median is
     /// reported.
     #[arg(long, default_value_t = 5)]
@@ -151,7 +155,8 @@ pub struct TrainBenchArgs {
     profile: bool,
 }
 
-/// `bench train`: a case per precision (and with `--dream`, each also with DREAM).
+/// `bench train`: a case per precision (and with `--dream` or
+/// `--gradient-checkpointing`, each also with DREAM or checkpointing).
 pub fn bench_train(choice: &AdapterChoice, a: TrainBenchArgs) -> Result<()> {
     use difftrain::train::bench::{bench_train_step, preset_config, TrainBench};
     if a.iters == 0 || a.batch == 0 || a.latent == 0 || a.text_len == 0 {
@@ -185,42 +190,39 @@ pub fn bench_train(choice: &AdapterChoice, a: TrainBenchArgs) -> Result<()> {
             "bf16" => difftrain::DType::BF16,
             other => bail!("--precision: '{other}' is not one of fp32, fp16, bf16"),
         };
-        for dream in if a.dream {
-            vec![false, true]
-        } else {
-            vec![false]
-        } {
-            let case = TrainBench {
-                name: name.clone(),
-                batch: a.batch,
-                latent: a.latent,
-                text_len: a.text_len,
-                dtype,
-                dream,
-                iters: a.iters,
-            };
-            let r = bench_train_step(&gpu, &config, &case)
-                .with_context(|| format!("train step of {name} in {p}"))?;
-            cases.push(case);
-            if a.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                eprintln!(
-                    "{name} {p}{}: {:.1} ms",
-                    if dream { " DREAM" } else { "" },
-                    r.median_ms
-                );
+        let both = |on: bool| if on { vec![false, true] } else { vec![false] };
+        for dream in both(a.dream) {
+            for gradient_checkpointing in both(a.gradient_checkpointing) {
+                let case = TrainBench {
+                    name: name.clone(),
+                    batch: a.batch,
+                    latent: a.latent,
+                    text_len: a.text_len,
+                    dtype,
+                    dream,
+                    gradient_checkpointing,
+                    iters: a.iters,
+                };
+                let r = bench_train_step(&gpu, &config, &case)
+                    .with_context(|| format!("train step of {name} in {p}"))?;
+                if a.json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    eprintln!("{name} {p}{}: {:.1} ms", case_flags(&case), r.median_ms);
+                }
+                cases.push(case);
+                results.push(r);
             }
-            results.push(r);
         }
     }
     if !a.json {
         println!(
-            "{:<10} {:<18} {:<5} {:<5} {:>10} {:>10} {:>9} {:>12} {:>6} {:>5} {:>10}",
+            "{:<10} {:<18} {:<5} {:<5} {:<5} {:>10} {:>10} {:>9} {:>12} {:>6} {:>5} {:>10}",
             "unet",
             "shape",
             "prec",
             "DREAM",
+            "ckpt",
             "median ms",
             "first ms",
             "img/s",
@@ -231,11 +233,12 @@ pub fn bench_train(choice: &AdapterChoice, a: TrainBenchArgs) -> Result<()> {
         );
         for r in &results {
             println!(
-                "{:<10} {:<18} {:<5} {:<5} {:>10.1} {:>10.1} {:>9.1} {:>12.1} {:>6} {:>5} {:>10.1}",
+                "{:<10} {:<18} {:<5} {:<5} {:<5} {:>10.1} {:>10.1} {:>9.1} {:>12.1} {:>6} {:>5} {:>10.1}",
                 r.name,
                 format!("B{} {}x{} S{}", r.batch, r.latent, r.latent, r.text_len),
                 r.precision,
                 if r.dream { "on" } else { "off" },
+                if r.gradient_checkpointing { "on" } else { "off" },
                 r.median_ms,
                 r.first_ms,
                 r.images_per_s,
@@ -260,10 +263,22 @@ pub fn bench_train(choice: &AdapterChoice, a: TrainBenchArgs) -> Result<()> {
                 case.latent,
                 case.latent,
                 case.dtype,
-                if case.dream { " DREAM" } else { "" }
+                case_flags(case)
             );
             print!("{}", difftrain::bench::profile_table(&rows));
         }
     }
     Ok(())
+}
+
+/// " DREAM", " checkpointed", both or nothing, for progress lines and profiles.
+fn case_flags(case: &difftrain::train::bench::TrainBench) -> String {
+    let mut s = String::new();
+    if case.dream {
+        s += " DREAM";
+    }
+    if case.gradient_checkpointing {
+        s += " checkpointed";
+    }
+    s
 }

@@ -4,6 +4,7 @@
 use super::{Graph, TensorId};
 use crate::dtype::DType;
 use crate::gpu::Capabilities;
+use std::collections::HashSet;
 
 /// A buffer a kernel binds, before memory planning.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -12,6 +13,10 @@ pub enum Slot {
     Value(TensorId),
     /// The gradient of a tensor (same shape; f32 for parameters).
     Grad(TensorId),
+    /// The values of a tensor recomputed for backward inside a gradient
+    /// checkpointing segment (its own storage, live only during that
+    /// segment's backward).
+    Recomputed(TensorId),
     /// Scratch memory of one op, live only between its first and last use.
     Temp(usize),
     /// Memory that lives for the whole session (optimizer state, step constants).
@@ -167,6 +172,10 @@ pub struct Emit<'g> {
     /// and where each input's gradient goes.
     pub(super) grad_outs: Vec<Option<Slot>>,
     pub(super) grad_ins: Vec<Option<GradTarget>>,
+    /// Storage roots produced inside the checkpointing segment being
+    /// recomputed or differentiated: kernels pushed now read and write
+    /// their recomputed values instead.
+    pub(super) recomputed: HashSet<TensorId>,
 }
 
 impl<'g> Emit<'g> {
@@ -181,6 +190,7 @@ impl<'g> Emit<'g> {
             node_name: String::new(),
             grad_outs: Vec::new(),
             grad_ins: Vec::new(),
+            recomputed: HashSet::new(),
         }
     }
 
@@ -199,7 +209,7 @@ impl<'g> Emit<'g> {
     /// The storage dtype behind a slot.
     pub fn slot_dtype(&self, slot: Slot) -> DType {
         match slot {
-            Slot::Value(t) | Slot::Grad(t) => self.graph.dtype(t),
+            Slot::Value(t) | Slot::Grad(t) | Slot::Recomputed(t) => self.graph.dtype(t),
             Slot::Temp(i) => self.temps[i].dtype,
             Slot::Persistent(i) => self.persistents[i].dtype,
         }
@@ -211,6 +221,14 @@ impl<'g> Emit<'g> {
 
     pub fn push(&mut self, mut k: Kernel) {
         k.node = self.node_name.clone();
+        for b in &mut k.bindings {
+            if let Slot::Value(t) = b.slot {
+                let root = self.graph.storage_root(t);
+                if self.recomputed.contains(&root) {
+                    b.slot = Slot::Recomputed(root);
+                }
+            }
+        }
         self.kernels.push(k);
     }
 

@@ -89,6 +89,11 @@ pub struct Graph {
     train_all: bool,
     /// The storage dtype of frozen module parameters (f32 when None).
     frozen_dtype: Option<DType>,
+    /// Whether [`Graph::checkpoint`] records segments.
+    checkpointing: bool,
+    /// Gradient checkpointing: ranges of `nodes` whose activations backward
+    /// does not keep from the forward pass but recomputes.
+    pub checkpoints: Vec<std::ops::Range<usize>>,
 }
 
 impl Graph {
@@ -234,6 +239,27 @@ impl Graph {
             .iter()
             .map(|n| n.op.kernels().flops(self, &n.inputs, &n.outputs))
             .sum()
+    }
+
+    /// Record the segments that [`Graph::checkpoint`] marks from now on
+    /// (diffusers' `enable_gradient_checkpointing`).
+    pub fn enable_checkpointing(&mut self) {
+        self.checkpointing = true;
+    }
+
+    /// Trace `f` as one gradient-checkpointing segment (a UNet block) when
+    /// checkpointing is enabled: backward then recomputes the segment's
+    /// activations from its inputs instead of keeping them from the forward
+    /// pass. A segment traced inside another becomes part of the outer one.
+    pub fn checkpoint<R>(&mut self, f: impl FnOnce(&mut Graph) -> Result<R>) -> Result<R> {
+        let start = self.nodes.len();
+        let r = f(self)?;
+        let end = self.nodes.len();
+        if self.checkpointing && end > start {
+            self.checkpoints.retain(|s| s.start < start);
+            self.checkpoints.push(start..end);
+        }
+        Ok(r)
     }
 
     /// Parameters in creation order.

@@ -176,6 +176,7 @@ pub struct Plan {
 enum StorageKey {
     Value(TensorId),
     Grad(TensorId),
+    Recomputed(TensorId),
     Temp(usize),
     Persistent(usize),
 }
@@ -221,7 +222,33 @@ impl Plan {
         let requires = requires_grad(graph);
         let mut trained_params = Vec::new();
         if !spec.seeds.is_empty() {
-            for node in graph.nodes.iter().rev() {
+            for (ni, node) in graph.nodes.iter().enumerate().rev() {
+                // Gradient checkpointing: leaving a segment (this node comes
+                // before it), its recomputed values are no longer read...
+                if graph.checkpoints.iter().any(|s| s.start == ni + 1) {
+                    e.recomputed.clear();
+                }
+                // ...and entering one from its end,
+                // recompute its forward (if backward passes through it); its
+                // nodes' backward then reads the recomputed values.
+                if let Some(seg) = graph.checkpoints.iter().find(|s| s.end == ni + 1) {
+                    let nodes = &graph.nodes[seg.clone()];
+                    let needed = nodes
+                        .iter()
+                        .flat_map(|n| &n.outputs)
+                        .any(|&o| has_grad.contains(&root(o)));
+                    if needed {
+                        e.recomputed = nodes
+                            .iter()
+                            .flat_map(|n| &n.outputs)
+                            .map(|&o| root(o))
+                            .collect();
+                        for n in nodes {
+                            e.node_name = format!("{}.recompute", n.name);
+                            n.op.kernels().forward(&mut e, &n.inputs, &n.outputs)?;
+                        }
+                    }
+                }
                 let grad_outs: Vec<Option<Slot>> = node
                     .outputs
                     .iter()
@@ -290,6 +317,7 @@ impl Plan {
             }
             e.grad_outs.clear();
             e.grad_ins.clear();
+            e.recomputed.clear();
             for p in graph.params() {
                 if matches!(graph.desc(p).role, Role::Param { trainable: true })
                     && has_grad.contains(&p)
@@ -345,6 +373,7 @@ impl Plan {
                     .get(&root(t))
                     .copied()
                     .unwrap_or(StorageKey::Grad(root(t))),
+                Slot::Recomputed(t) => StorageKey::Recomputed(root(t)),
                 Slot::Temp(i) => StorageKey::Temp(i),
                 Slot::Persistent(i) => StorageKey::Persistent(i),
             };
@@ -370,6 +399,15 @@ impl Plan {
                             d.name.clone()
                         };
                         StorageDesc::new(label, d.numel(), d.dtype, persistent)
+                    }
+                    StorageKey::Recomputed(t) => {
+                        let d = graph.desc(t);
+                        StorageDesc::new(
+                            format!("recomputed.{}", d.name),
+                            d.numel(),
+                            d.dtype,
+                            false,
+                        )
                     }
                     StorageKey::Temp(i) => extra(&temps[i], false),
                     StorageKey::Persistent(i) => extra(&persistents[i], true),

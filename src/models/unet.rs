@@ -103,7 +103,7 @@ impl UNet {
                 eps: ctx.eps,
                 out_scale: cfg.mid_block_scale_factor,
             };
-            let h = resnet_block_2d(g, "resnets.0", h, Some(ctx.temb_act), r)?;
+            let h = g.checkpoint(|g| resnet_block_2d(g, "resnets.0", h, Some(ctx.temb_act), r))?;
             let t = Transformer2d {
                 channels: c,
                 heads: self.layout.mid_heads,
@@ -111,8 +111,8 @@ impl UNet {
                 groups: ctx.groups,
                 linear_projection: ctx.linear_projection,
             };
-            let h = transformer_2d(g, "attentions.0", h, ctx.context, t)?;
-            resnet_block_2d(g, "resnets.1", h, Some(ctx.temb_act), r)
+            let h = g.checkpoint(|g| transformer_2d(g, "attentions.0", h, ctx.context, t))?;
+            g.checkpoint(|g| resnet_block_2d(g, "resnets.1", h, Some(ctx.temb_act), r))
         })?;
 
         for (i, b) in self.layout.up.iter().enumerate() {
@@ -146,7 +146,8 @@ impl UNet {
     }
 
     /// Layer `j` of a block: a resnet to `cout` channels, then a transformer
-    /// when the block has cross-attention.
+    /// when the block has cross-attention; each a gradient-checkpointing
+    /// segment, as diffusers checkpoints them.
     fn layer(
         &self,
         g: &mut Graph,
@@ -163,7 +164,9 @@ impl UNet {
             eps: ctx.eps,
             out_scale: self.config.resnet_out_scale_factor,
         };
-        let h = resnet_block_2d(g, &format!("resnets.{j}"), h, Some(ctx.temb_act), r)?;
+        let h = g.checkpoint(|g| {
+            resnet_block_2d(g, &format!("resnets.{j}"), h, Some(ctx.temb_act), r)
+        })?;
         if !b.cross_attention {
             return Ok(h);
         }
@@ -174,7 +177,7 @@ impl UNet {
             groups: ctx.groups,
             linear_projection: ctx.linear_projection,
         };
-        transformer_2d(g, &format!("attentions.{j}"), h, ctx.context, t)
+        g.checkpoint(|g| transformer_2d(g, &format!("attentions.{j}"), h, ctx.context, t))
     }
 
     fn check_inputs(

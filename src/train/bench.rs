@@ -64,6 +64,8 @@ pub struct TrainBench {
     pub text_len: usize,
     pub dtype: DType,
     pub dream: bool,
+    /// Recompute the UNet blocks' activations in backward.
+    pub gradient_checkpointing: bool,
     /// Timed steps after the cold step and one more warm-up step.
     pub iters: usize,
 }
@@ -78,13 +80,15 @@ pub struct TrainBenchResult {
     pub text_len: usize,
     pub precision: String,
     pub dream: bool,
+    pub gradient_checkpointing: bool,
     /// Median of the timed steps, each waited for.
     pub median_ms: f64,
     /// The first step: pipeline compilation on drivers that compile lazily.
     pub first_ms: f64,
     pub images_per_s: f64,
-    /// The step's FLOPs (forward x 3 for forward + backward, plus DREAM's
-    /// extra forward) over the median time.
+    /// The step's model FLOPs (forward x 3 for forward + backward, plus
+    /// DREAM's extra forward; not gradient checkpointing's recomputation)
+    /// over the median time.
     pub gflops: f64,
     pub step_gflop: f64,
     pub dispatches: usize,
@@ -111,6 +115,7 @@ fn train_session(gpu: &Gpu, config: &Path, case: &TrainBench) -> Result<(Session
         num_train_timesteps: schedule.num_train_timesteps,
         given_noise: false,
         dtype: case.dtype,
+        gradient_checkpointing: case.gradient_checkpointing,
     };
     let shape = StepShape {
         batch: case.batch,
@@ -164,6 +169,7 @@ pub fn bench_train_step(gpu: &Gpu, config: &Path, case: &TrainBench) -> Result<T
         text_len: case.text_len,
         precision: case.dtype.to_string(),
         dream: case.dream,
+        gradient_checkpointing: case.gradient_checkpointing,
         median_ms,
         first_ms,
         images_per_s: case.batch as f64 / (median_ms * 1e-3),

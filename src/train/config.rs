@@ -154,6 +154,10 @@ pub struct TrainConfig {
     pub heldout_loss_steps: u64,
     /// Examples in the held-out set (whole micro-batches of it are used).
     pub heldout_examples: usize,
+    /// Recompute each UNet block's activations in backward instead of
+    /// keeping them (diffusers' `--gradient_checkpointing`): less memory,
+    /// about one more forward pass of time.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -193,6 +197,7 @@ impl Default for TrainConfig {
             ema_power: 2.0 / 3.0,
             heldout_loss_steps: 0,
             heldout_examples: 64,
+            gradient_checkpointing: false,
         }
     }
 }

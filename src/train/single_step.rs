@@ -80,6 +80,7 @@ pub fn step_options(
         num_train_timesteps: schedule.num_train_timesteps,
         given_noise,
         dtype: config.train.precision.dtype(),
+        gradient_checkpointing: config.train.gradient_checkpointing,
     })
 }
 

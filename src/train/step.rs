@@ -42,6 +42,8 @@ pub struct StepOptions {
     /// The UNet's activation dtype (and the text states'). The diffusion
     /// arithmetic (noise, add_noise, targets, DREAM, the loss) stays f32.
     pub dtype: DType,
+    /// Recompute the UNet blocks' activations in backward.
+    pub gradient_checkpointing: bool,
 }
 
 /// The traced step and its named tensors.
@@ -72,6 +74,9 @@ impl TrainStep {
     /// Trace the step for `unet` at `shape`.
     pub fn build(unet: &UNet, shape: StepShape, opts: &StepOptions) -> Result<TrainStep> {
         let mut g = Graph::new();
+        if opts.gradient_checkpointing {
+            g.enable_checkpointing();
+        }
         let c = unet.config.in_channels;
         let x_shape = [shape.batch, c, shape.height, shape.width];
         let latents = g.input("latents", &x_shape, DType::F32);
