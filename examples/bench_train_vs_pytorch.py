@@ -7,7 +7,7 @@ clip_grad_norm_(1.0), torch.optim.AdamW; with --dream the spec's DREAM update
 from one no-grad forward), on random latents and text states of the same
 shapes and with the same number of CPU threads as the machine gives
 difftrain, then runs `difftrain bench train --json` with the same options,
-and prints both with the ratio.
+and prints both with the ratio and each process's peak resident memory.
 
     python examples/bench_train_vs_pytorch.py --preset small --batch 4 --latent 16
     python examples/bench_train_vs_pytorch.py --preset sd15 --batch 1 --latent 32 --iters 2
@@ -19,6 +19,7 @@ target/release/difftrain, built with `cargo build --release`).
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -79,6 +80,8 @@ def pytorch_step(config_path, batch, latent, text_len, iters, dream, threads):
         "median_ms": median,
         "first_ms": times[0],
         "images_per_s": batch / (median / 1e3),
+        # Linux reports ru_maxrss in KiB.
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 
@@ -109,9 +112,12 @@ def main():
     name = a.config or a.preset
     print(f"train step of {name}, batch {a.batch}, {a.latent}x{a.latent} latents, "
           f"{a.text_len} tokens, fp32 AdamW{', DREAM' if a.dream else ''}")
-    print(f"{'':52} {'median ms':>10} {'first ms':>10} {'img/s':>8}")
+    print(f"{'':52} {'median ms':>10} {'first ms':>10} {'img/s':>8} {'peak RSS MiB':>13}")
     for label, r in [(f"difftrain ({ours['adapter']})", ours), (torch_r["adapter"], torch_r)]:
-        print(f"{label[:52]:52} {r['median_ms']:10.1f} {r['first_ms']:10.1f} {r['images_per_s']:8.1f}")
+        rss = r.get("peak_rss_bytes")
+        rss = f"{rss / 2**20:13.0f}" if rss else f"{'-':>13}"
+        print(f"{label[:52]:52} {r['median_ms']:10.1f} {r['first_ms']:10.1f} "
+              f"{r['images_per_s']:8.1f} {rss}")
     print(f"ratio difftrain / PyTorch: {ours['median_ms'] / torch_r['median_ms']:.2f}x "
           f"(difftrain: {ours['dispatches']} dispatches, {ours['submissions']} submission(s), "
           f"{ours['gflops']:.1f} GFLOP/s, {ours['peak_bytes'] / 2**20:.1f} MiB GPU buffers)")

@@ -194,6 +194,39 @@ fn b_row(b_at: u32, col0: u32) -> array<vec4<f32>, 2> {
     return b;
 }
 
+// TRANS_B (gemm_subgroup only): B is a row-major matrix read transposed,
+// B(k, n) = bp[z b_bs + n b_rs + k] (a linear layer's weight [N, K], with
+// b_rs, b_bs and K multiples of 4), so no packing pass. Each lane loads its
+// columns 4 k at a time (one vec4 per column) and takes their rows apart in
+// registers.
+struct BBlock { v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>, v4: vec4<f32>, v5: vec4<f32>, v6: vec4<f32>, v7: vec4<f32> }
+
+// k0 .. k0+4 of column col (zero past N).
+fn bt_col4(z: u32, col: u32, k0: u32) -> vec4<f32> {
+    let at = z * p.b_bs + min(col, p.n - 1u) * p.b_rs + k0;
+    return select(vec4<f32>(0.0), bp_load4(at), col < p.n);
+}
+
+fn bt_block(z: u32, col0: u32, k0: u32) -> BBlock {
+    var b: BBlock;
+    b.v0 = bt_col4(z, col0, k0);
+    b.v1 = bt_col4(z, col0 + 1u, k0);
+    b.v2 = bt_col4(z, col0 + 2u, k0);
+    b.v3 = bt_col4(z, col0 + 3u, k0);
+    if (CB > 1u) {
+        b.v4 = bt_col4(z, col0 + 4u, k0);
+        b.v5 = bt_col4(z, col0 + 5u, k0);
+        b.v6 = bt_col4(z, col0 + 6u, k0);
+        b.v7 = bt_col4(z, col0 + 7u, k0);
+    }
+    return b;
+}
+
+// Row j (k0 + j) of a block: this lane's 4 CB columns.
+fn bt_row(b: BBlock, j: u32) -> array<vec4<f32>, 2> {
+    return array<vec4<f32>, 2>(vec4<f32>(b.v0[j], b.v1[j], b.v2[j], b.v3[j]), vec4<f32>(b.v4[j], b.v5[j], b.v6[j], b.v7[j]));
+}
+
 fn store_tile(t: Tile, row0: u32, col0: u32, z: u32) {
     let cb = z * p.m * p.n;
     { store_block(t.c00, row0 + 0u, col0, cb); if (CB > 1u) { store_block(t.c01, row0 + 0u, col0 + 4u, cb); } }
@@ -245,6 +278,7 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
 //@ const WGX = 8u
 //@ const HAS_BIAS = false
 //@ const DIRECT_B = false
+//@ const TRANS_B = false
 //@ const ROWSUM = false
 //@ const HAS_RES = false
 //@ use gemm_tiles
@@ -262,6 +296,7 @@ fn gemm_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     let k_blocks = p.k / WGX;
     // ROWSUM: each lane sums the columns it loads; lane 0 also the tail's.
     var asum: ACol;
+    var bt: BBlock;
     for (var kb = 0u; kb < k_blocks; kb++) {
         let mine = a_column(rows, (kb * WGX + lid.x) * p.a_cs);
         if (ROWSUM) { asum = acol_add(asum, mine); }
@@ -275,13 +310,25 @@ fn gemm_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
             if (RB > 5u) { a.a5 = subgroupShuffle(mine.a5, l); }
             if (RB > 6u) { a.a6 = subgroupShuffle(mine.a6, l); }
             if (RB > 7u) { a.a7 = subgroupShuffle(mine.a7, l); }
-            let b = b_row(b_at, col0);
+            var b: array<vec4<f32>, 2>;
+            if (TRANS_B) {
+                if (l % 4u == 0u) { bt = bt_block(wg.z, col0, kb * WGX + l); }
+                b = bt_row(bt, l % 4u);
+            } else {
+                b = b_row(b_at, col0);
+            }
             tile_step(&t, a, b[0], b[1]);
             b_at += b_stride();
         }
     }
     for (var kk = k_blocks * WGX; kk < p.k; kk++) {
-        let b = b_row(b_at, col0);
+        var b: array<vec4<f32>, 2>;
+        if (TRANS_B) {
+            if (kk % 4u == 0u) { bt = bt_block(wg.z, col0, kk); }
+            b = bt_row(bt, kk % 4u);
+        } else {
+            b = b_row(b_at, col0);
+        }
         let a = a_column(rows, kk * p.a_cs);
         if (ROWSUM && lid.x == 0u) { asum = acol_add(asum, a); }
         tile_step(&t, a, b[0], b[1]);

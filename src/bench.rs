@@ -73,6 +73,15 @@ fn session_for(gpu: &Gpu, case: &BenchCase) -> Result<Session> {
     Ok(s)
 }
 
+/// The process's peak resident memory so far (Linux's `VmHWM`), None where
+/// the platform does not say. On a CPU adapter it includes every GPU buffer.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Time `case`: build, plan, warm up (pipeline compilation happens at the
 /// first dispatch on some drivers), then `iters` timed steps, each waited for.
 pub fn run_case(gpu: &Gpu, case: &BenchCase, iters: usize) -> Result<BenchResult> {

@@ -68,7 +68,7 @@ enum Command {
 enum BenchWhat {
     /// A whole training step with AdamW (noise, add_noise, DREAM's extra pass when on,
     /// forward, MSE, backward, clipping, AdamW): median and first step time, images/s,
-    /// GFLOP/s, dispatches, submissions and peak buffer memory.
+    /// GFLOP/s, dispatches, submissions, peak buffer memory and the process's peak resident memory.
     Train(cli::bench::TrainBenchArgs),
     /// Microbenchmarks of the core ops (matmul, conv2d, group norm, attention) in f32/f16/bf16.
     Ops {

@@ -217,7 +217,7 @@ pub fn bench_train(choice: &AdapterChoice, a: TrainBenchArgs) -> Result<()> {
     }
     if !a.json {
         println!(
-            "{:<10} {:<18} {:<5} {:<5} {:<5} {:>10} {:>10} {:>9} {:>12} {:>6} {:>5} {:>10}",
+            "{:<10} {:<18} {:<5} {:<5} {:<5} {:>10} {:>10} {:>9} {:>12} {:>6} {:>5} {:>10} {:>10}",
             "unet",
             "shape",
             "prec",
@@ -229,11 +229,12 @@ pub fn bench_train(choice: &AdapterChoice, a: TrainBenchArgs) -> Result<()> {
             "GFLOP/s",
             "disp",
             "subm",
-            "peak MiB"
+            "peak MiB",
+            "RSS MiB"
         );
         for r in &results {
             println!(
-                "{:<10} {:<18} {:<5} {:<5} {:<5} {:>10.1} {:>10.1} {:>9.1} {:>12.1} {:>6} {:>5} {:>10.1}",
+                "{:<10} {:<18} {:<5} {:<5} {:<5} {:>10.1} {:>10.1} {:>9.1} {:>12.1} {:>6} {:>5} {:>10.1} {:>10}",
                 r.name,
                 format!("B{} {}x{} S{}", r.batch, r.latent, r.latent, r.text_len),
                 r.precision,
@@ -245,7 +246,9 @@ pub fn bench_train(choice: &AdapterChoice, a: TrainBenchArgs) -> Result<()> {
                 r.gflops,
                 r.dispatches,
                 r.submissions,
-                r.peak_bytes as f64 / (1 << 20) as f64
+                r.peak_bytes as f64 / (1 << 20) as f64,
+                r.peak_rss_bytes
+                    .map_or("-".into(), |b| format!("{:.0}", b as f64 / (1 << 20) as f64))
             );
         }
     }

@@ -66,13 +66,26 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
     let (rb, cb, wgx) = tile(e, g.n);
     let (tm, pw) = (4 * rb, 4 * cb * wgx);
     let panels = g.n.div_ceil(pw);
+    // The subgroup kernel shares A through the subgroup where the subgroup is
+    // exactly one workgroup wide.
+    let sg = e.caps.subgroups
+        && e.caps.subgroup_min_size == wgx as u32
+        && e.caps.subgroup_max_size == wgx as u32;
     // 1. Pack B into PW-wide panels (zero past N), unless the kernel can read
-    // it in place: row-major with rows starting at vec4 boundaries.
+    // it in place: row-major with rows starting at vec4 boundaries (direct),
+    // or, in the subgroup kernel, transposed with columns starting at vec4
+    // boundaries and K a multiple of 4 (a linear layer's weight).
     let direct = g.b.cs == 1
         && g.b.rs.is_multiple_of(4)
         && g.b.bs.is_multiple_of(4)
         && g.n.is_multiple_of(4);
-    let bp = if direct {
+    let transposed = sg
+        && !direct
+        && g.b.rs == 1
+        && g.b.cs.is_multiple_of(4)
+        && g.b.bs.is_multiple_of(4)
+        && g.k.is_multiple_of(4);
+    let bp = if direct || transposed {
         g.b.slot
     } else {
         let total = g.batch * panels * g.k * pw;
@@ -94,11 +107,7 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
         );
         bp
     };
-    // 2. The register-tiled product, sharing A through the subgroup where the
-    // subgroup is exactly one workgroup wide.
-    let sg = e.caps.subgroups
-        && e.caps.subgroup_min_size == wgx as u32
-        && e.caps.subgroup_max_size == wgx as u32;
+    // 2. The register-tiled product.
     let mut k = Kernel::new("matmul", if sg { "gemm_subgroup" } else { "gemm" })
         .konst("RB", format!("{rb}u"))
         .konst("CB", format!("{cb}u"))
@@ -115,6 +124,9 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
     if direct {
         k = k.konst("DIRECT_B", "true");
     }
+    if transposed {
+        k = k.konst("TRANS_B", "true");
+    }
     if let Some(r) = g.rowsum {
         debug_assert_eq!(g.batch, 1, "GEMM row sums of several batches");
         k = k.bind("rowsum", r.slot).konst("ROWSUM", "true");
@@ -129,7 +141,8 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
         .u32(panels)
         .f32(g.beta)
         .u32(g.b.bs)
-        .u32(g.b.rs)
+        // The stride between B's stored rows (its columns when transposed).
+        .u32(if transposed { g.b.cs } else { g.b.rs })
         .f32(g.rowsum.map_or(0.0, |r| r.beta()))
         .groups(panels as u32, g.m.div_ceil(tm) as u32, g.batch as u32);
     e.push(k);
@@ -560,6 +573,41 @@ mod tests {
                 )
             },
         );
+    }
+
+    /// Linear layers whose weight the subgroup GEMM reads transposed in
+    /// place (K a multiple of 4): K = 12 and 20 cover whole 8-step blocks
+    /// and a 4-step tail; N = 9 and 37 columns past the edge, 4- and
+    /// 8-column tiles.
+    #[test]
+    fn linear_weight_read_transposed_all_dtypes() {
+        for (n, k) in [(9, 12), (37, 20)] {
+            check_op_all_dtypes(
+                &format!("linear_3x4x{k}_to_{n}"),
+                &[
+                    CaseInput::act(&[3, 4, k]),
+                    CaseInput::param(&[n, k]),
+                    CaseInput::param(&[n]),
+                ],
+                &|g, x| g.linear(x[0], x[1], Some(x[2])),
+                &|x| {
+                    matmul_cpu(
+                        &x[0],
+                        &x[1],
+                        Some(&x[2]),
+                        MatmulShape {
+                            batch: 1,
+                            m: 12,
+                            n,
+                            k,
+                            trans_a: false,
+                            trans_b: true,
+                            shared_b: true,
+                        },
+                    )
+                },
+            );
+        }
     }
 
     /// A weight and bias shared by two linear layers: the second backward

@@ -99,6 +99,10 @@ pub struct TrainBenchResult {
     pub peak_bytes: u64,
     pub pooled_bytes: u64,
     pub persistent_bytes: u64,
+    /// The process's peak resident memory after this case (everything the
+    /// process held, GPU buffers included on a CPU adapter; cumulative over
+    /// the cases of one run). None where the platform does not report it.
+    pub peak_rss_bytes: Option<u64>,
 }
 
 /// A ready session of `case`'s step for the UNet of `config` (a
@@ -180,6 +184,7 @@ pub fn bench_train_step(gpu: &Gpu, config: &Path, case: &TrainBench) -> Result<T
         peak_bytes: st.pooled_bytes + st.persistent_bytes,
         pooled_bytes: st.pooled_bytes,
         persistent_bytes: st.persistent_bytes,
+        peak_rss_bytes: crate::bench::peak_rss_bytes(),
     })
 }
 
