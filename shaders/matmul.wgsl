@@ -7,7 +7,8 @@
 // B is first packed into panels of PW = WGX * TN columns, bp[z][panel][k][PW]
 // (zero past N), so each k step of a workgroup reads one contiguous PW-wide
 // row: lanes read neighbouring vec4s (coalesced). A row-major B whose rows
-// start at vec4 boundaries is read in place instead (DIRECT_B), the same way. A workgroup is one row of
+// start at vec4 boundaries is read in place instead (DIRECT_B), the same way;
+// the subgroup kernel also reads a transposed one in place (TRANS_B). A workgroup is one row of
 // WGX invocations that share the same TM rows of A: A's address is uniform
 // across the workgroup, so a GPU (and llvmpipe, which scalarizes uniform
 // loads) fetches it once and broadcasts it. Each invocation keeps a TM x TN
