@@ -355,12 +355,13 @@ impl OpKernels for Binary {
         }
     }
 
-    /// a + b with b of a's shape: both gradients are the output's.
+    /// a + b: a's gradient is the output's (a has its shape), and so is b's
+    /// when b is not broadcast.
     fn grad_passthrough(&self, g: &Graph, i: &[TensorId]) -> Vec<(usize, usize)> {
-        if self.kind == BinaryKind::Add && g.shape(i[0]) == g.shape(i[1]) {
-            vec![(0, 0), (1, 0)]
-        } else {
-            Vec::new()
+        match self.kind {
+            BinaryKind::Add if g.shape(i[0]) == g.shape(i[1]) => vec![(0, 0), (1, 0)],
+            BinaryKind::Add => vec![(0, 0)],
+            BinaryKind::Mul => Vec::new(),
         }
     }
 
@@ -578,22 +579,30 @@ mod tests {
     #[test]
     fn residual_gradients_pass_through_without_copies() {
         use crate::graph::{Plan, RunSpec};
-        // y = 2x + x; z = y + y; out = (z * w + y) * 1.5
+        // y = 2x + x + c (c broadcast over rows); z = y + y;
+        // out = (z * w + y) * 1.5
         let build = |g: &mut Graph, t: &[TensorId]| {
             let h = g.scale(t[0], 2.0);
             let y = g.add(h, t[0])?;
+            let y = g.add(y, t[2])?;
             let z = g.add(y, y)?;
             let zw = g.mul(z, t[1])?;
             let o = g.add(zw, y)?;
             Ok(g.scale(o, 1.5))
         };
         let reference = |v: &[Vec<f64>]| {
-            v[0].iter()
-                .zip(&v[1])
-                .map(|(x, w)| 1.5 * (6.0 * x * w + 3.0 * x))
+            (0..15)
+                .map(|i| {
+                    let y = 3.0 * v[0][i] + v[2][i % 5];
+                    1.5 * (2.0 * y * v[1][i] + y)
+                })
                 .collect()
         };
-        let inputs = [CaseInput::act(&[3, 5]), CaseInput::act(&[3, 5])];
+        let inputs = [
+            CaseInput::act(&[3, 5]),
+            CaseInput::act(&[3, 5]),
+            CaseInput::act(&[5]),
+        ];
         check_op(
             "residual_chain",
             &inputs,
@@ -606,12 +615,13 @@ mod tests {
         let mut g = Graph::new();
         let x = g.input_with_grad("x", &[3, 5], DType::F32);
         let w = g.input_with_grad("w", &[3, 5], DType::F32);
-        let out = build(&mut g, &[x, w]).unwrap();
+        let c = g.input_with_grad("c", &[5], DType::F32);
+        let out = build(&mut g, &[x, w, c]).unwrap();
         let seed = g.input("seed", &[3, 5], DType::F32);
         let spec = RunSpec {
             outputs: vec![out],
             seeds: vec![(out, seed)],
-            grads: vec![x, w],
+            grads: vec![x, w, c],
             ..Default::default()
         };
         let plan = Plan::build(&g, &crate::ops::testing::gpu().caps, &spec).unwrap();
@@ -622,9 +632,10 @@ mod tests {
             .map(|k| k.node.as_str())
             .collect();
         // add(zw, y): zw takes the output's gradient, y gets a copy; add(y, y)
-        // writes dy twice (one launch writes, one adds); add(h, x): h takes
-        // it, x (kept) gets a copy. Without passing through: 6 launches.
-        assert_eq!(add_backward.len(), 4, "{add_backward:?}");
+        // writes dy twice (one launch writes, one adds); add(y, c): y takes
+        // it, c is a reduction; add(h, x): h takes it, x (kept) gets a copy.
+        // Without passing through: 8 launches.
+        assert_eq!(add_backward.len(), 5, "{add_backward:?}");
     }
 
     #[test]
