@@ -545,6 +545,19 @@ mod tests {
     use crate::dtype::DType;
     use crate::ops::testing::{check_op, check_op_all_dtypes, check_op_portable, CaseInput};
 
+    /// The product of a linear layer: `m` rows of x times W `[n, k]`^T.
+    fn linear_shape(m: usize, n: usize, k: usize) -> MatmulShape {
+        MatmulShape {
+            batch: 1,
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b: true,
+            shared_b: true,
+        }
+    }
+
     #[test]
     fn linear_odd_shapes_all_dtypes() {
         // x [2, 5, 7] @ W[9, 7]^T + b[9]: M = 10 and N = 9 do not divide the tiles.
@@ -556,22 +569,7 @@ mod tests {
                 CaseInput::param(&[9]),
             ],
             &|g, x| g.linear(x[0], x[1], Some(x[2])),
-            &|x| {
-                matmul_cpu(
-                    &x[0],
-                    &x[1],
-                    Some(&x[2]),
-                    MatmulShape {
-                        batch: 1,
-                        m: 10,
-                        n: 9,
-                        k: 7,
-                        trans_a: false,
-                        trans_b: true,
-                        shared_b: true,
-                    },
-                )
-            },
+            &|x| matmul_cpu(&x[0], &x[1], Some(&x[2]), linear_shape(10, 9, 7)),
         );
     }
 
@@ -590,22 +588,7 @@ mod tests {
                     CaseInput::param(&[n]),
                 ],
                 &|g, x| g.linear(x[0], x[1], Some(x[2])),
-                &|x| {
-                    matmul_cpu(
-                        &x[0],
-                        &x[1],
-                        Some(&x[2]),
-                        MatmulShape {
-                            batch: 1,
-                            m: 12,
-                            n,
-                            k,
-                            trans_a: false,
-                            trans_b: true,
-                            shared_b: true,
-                        },
-                    )
-                },
+                &|x| matmul_cpu(&x[0], &x[1], Some(&x[2]), linear_shape(12, n, k)),
             );
         }
     }
@@ -616,15 +599,7 @@ mod tests {
     /// not a multiple of the subgroup's k block.
     #[test]
     fn shared_linear_accumulates_weight_and_bias_gradients() {
-        let shape = MatmulShape {
-            batch: 1,
-            m: 10,
-            n: 9,
-            k: 7,
-            trans_a: false,
-            trans_b: true,
-            shared_b: true,
-        };
+        let shape = linear_shape(10, 9, 7);
         let inputs = [
             CaseInput::act(&[10, 7]),
             CaseInput::act(&[10, 7]),
@@ -656,15 +631,7 @@ mod tests {
     /// portable kernels; the residual's gradient is the output's.
     #[test]
     fn linear_with_residual_epilogue() {
-        let shape = MatmulShape {
-            batch: 1,
-            m: 10,
-            n: 9,
-            k: 7,
-            trans_a: false,
-            trans_b: true,
-            shared_b: true,
-        };
+        let shape = linear_shape(10, 9, 7);
         let inputs = [
             CaseInput::act(&[2, 5, 7]),
             CaseInput::param(&[9, 7]),
