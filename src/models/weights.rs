@@ -7,7 +7,7 @@ use super::clip::upgrade_unprefixed_names;
 use super::init::Component;
 use super::vae::upgrade_legacy_names;
 use crate::error::{file_err, Error, Result};
-use crate::graph::{Graph, Init, Session};
+use crate::graph::{Graph, Init, Session, TensorDesc, TensorId};
 use crate::io::{HostTensor, TensorFile, WeightFile};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -53,10 +53,9 @@ pub fn read_component_weights(dir: &Path, component: Component) -> Result<Weight
 /// Tensors are decoded one at a time and uploads flushed every 256 MiB, so
 /// the host holds little more than the file itself.
 pub fn load_params(s: &Session, file: &WeightFile) -> Result<()> {
-    const FLUSH_BYTES: usize = 256 << 20;
     let g = &s.graph;
     let mut missing = Vec::new();
-    let mut pending = 0;
+    let mut upload = Upload::new(s);
     for p in g.params() {
         let d = g.desc(p);
         let Some(shape) = file.shape(&d.name) else {
@@ -74,13 +73,7 @@ pub fn load_params(s: &Session, file: &WeightFile) -> Result<()> {
                 ),
             });
         }
-        let values = file.decode(&d.name).expect("shape found above");
-        s.write(p, &values)?;
-        pending += values.len() * 4;
-        if pending >= FLUSH_BYTES {
-            s.gpu.flush()?;
-            pending = 0;
-        }
+        upload.write(p, &file.decode(&d.name).expect("shape found above"))?;
     }
     if missing.is_empty() {
         return Ok(());
@@ -96,13 +89,30 @@ pub fn load_params(s: &Session, file: &WeightFile) -> Result<()> {
     ))
 }
 
-/// Write every parameter of the session's graph from `file` in memory (a
-/// fresh initialization from [`init_params`]), matching by name.
-pub fn write_params(s: &Session, file: &TensorFile) -> Result<()> {
-    for p in s.graph.params() {
-        s.write(p, &file.get(&s.graph.desc(p).name)?.values)?;
+/// Uploads of parameters that submit and wait every 256 MiB, so staged
+/// copies do not pile up until the first step: the host then holds little
+/// more than the tensor being written.
+struct Upload<'s> {
+    s: &'s Session,
+    pending: usize,
+}
+
+impl<'s> Upload<'s> {
+    const FLUSH_BYTES: usize = 256 << 20;
+
+    fn new(s: &'s Session) -> Self {
+        Upload { s, pending: 0 }
     }
-    Ok(())
+
+    fn write(&mut self, p: TensorId, values: &[f32]) -> Result<()> {
+        self.s.write(p, values)?;
+        self.pending += values.len() * 4;
+        if self.pending >= Self::FLUSH_BYTES {
+            self.s.gpu.flush()?;
+            self.pending = 0;
+        }
+        Ok(())
+    }
 }
 
 /// Warn about tensors of `file` that no parameter of `g` uses (diffusers
@@ -142,17 +152,32 @@ pub fn init_params(g: &Graph, seed: u64, path: &Path) -> TensorFile {
     let mut out = TensorFile::new(path);
     for (k, p) in g.params().into_iter().enumerate() {
         let d = g.desc(p);
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        rng.set_stream(k as u64);
-        let n = d.numel();
-        let values: Vec<f32> = match d.init {
-            Init::Const(v) => vec![v; n],
-            Init::Uniform(b) => (0..n).map(|_| rng.random_range(-b..=b)).collect(),
-            Init::Normal(std) => (0..n).map(|_| std * standard_normal(&mut rng)).collect(),
-        };
-        out.insert(&d.name, HostTensor::f32(&d.shape, values));
+        out.insert(&d.name, HostTensor::f32(&d.shape, init_values(d, seed, k)));
     }
     out
+}
+
+/// [`init_params`] written straight into the session's parameters, one
+/// tensor at a time (SD 1.5's 3.4 GB of weights never sit in host memory
+/// all at once).
+pub fn write_init_params(s: &Session, seed: u64) -> Result<()> {
+    let mut upload = Upload::new(s);
+    for (k, p) in s.graph.params().into_iter().enumerate() {
+        upload.write(p, &init_values(s.graph.desc(p), seed, k))?;
+    }
+    Ok(())
+}
+
+/// The fresh values of parameter number `k`, from ChaCha8 stream k of `seed`.
+fn init_values(d: &TensorDesc, seed: u64, k: usize) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(k as u64);
+    let n = d.numel();
+    match d.init {
+        Init::Const(v) => vec![v; n],
+        Init::Uniform(b) => (0..n).map(|_| rng.random_range(-b..=b)).collect(),
+        Init::Normal(std) => (0..n).map(|_| std * standard_normal(&mut rng)).collect(),
+    }
 }
 
 /// One N(0, 1) sample (Box-Muller).

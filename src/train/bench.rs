@@ -8,7 +8,7 @@ use super::step::{StepOptions, StepShape, TrainStep};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::graph::{AdamW, LossScaling, Session};
-use crate::models::weights::{init_params, write_params};
+use crate::models::weights::write_init_params;
 use crate::models::UNet;
 use crate::ops::diffusion::rng_key;
 use crate::ops::testing::random;
@@ -139,7 +139,7 @@ fn train_session(gpu: &Gpu, config: &Path, case: &TrainBench) -> Result<(Session
     };
     let spec = step.run_spec(optimizer, false, false);
     let s = Session::new(gpu, Arc::new(step.graph.clone()), spec)?;
-    write_params(&s, &init_params(&s.graph, 0, config))?;
+    write_init_params(&s, 0)?;
     let n = |t| s.graph.numel(t);
     s.write(step.latents, &random(n(step.latents), 1))?;
     s.write(step.context, &random(n(step.context), 2))?;

@@ -19,7 +19,7 @@ use super::step::{StepShape, TrainStep};
 use crate::error::{file_err, Error, Result};
 use crate::graph::Session;
 use crate::models::init::Component;
-use crate::models::weights::{init_params, load_params, read_component_weights, write_params};
+use crate::models::weights::{load_params, read_component_weights, write_init_params};
 use crate::models::{PipelineDir, UNet};
 use crate::ops::diffusion::rng_key;
 use crate::ops::optim::{ADAMW_CLIP, EMA_ONE_MINUS_DECAY, GRAD_SCALER};
@@ -240,7 +240,7 @@ pub fn train(
         None => match &fresh_unet {
             // The step graph's parameters are the UNet's, in its order, so
             // they initialize as `difftrain init unet` would.
-            Some(path) => write_params(&s, &init_params(&s.graph, seed, path))?,
+            Some(_) => write_init_params(&s, seed)?,
             None => {
                 let w = read_component_weights(&pipeline.root.join("unet"), Component::Unet)?;
                 load_params(&s, &w)?;

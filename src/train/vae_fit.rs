@@ -15,9 +15,7 @@ use crate::graph::{AdamW, Graph, RunSpec, Session};
 use crate::io::config::write_config;
 use crate::io::{StoredDType, TensorFile};
 use crate::models::init::Component;
-use crate::models::weights::{
-    init_params, load_params, read_component_weights, read_params, write_params,
-};
+use crate::models::weights::{load_params, read_component_weights, read_params, write_init_params};
 use crate::models::Vae;
 use crate::ops::diffusion::{rng_key, stream};
 use crate::ops::elementwise::Activation;
@@ -106,7 +104,7 @@ pub fn fit_vae(
     let mut s = Session::new(gpu, graph.clone(), spec)?;
     match &fit.init {
         Some(dir) => load_params(&s, &read_component_weights(dir, Component::Vae)?)?,
-        None => write_params(&s, &init_params(&graph, fit.seed, &fit.config))?,
+        None => write_init_params(&s, fit.seed)?,
     }
     s.write(seed, &[1.0])?;
 
