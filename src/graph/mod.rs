@@ -352,3 +352,27 @@ impl Graph {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Checkpointing segments are recorded only once enabled, and one traced
+    /// inside another becomes part of the outer one.
+    #[test]
+    fn checkpoint_segments_nest_into_the_outer_one() {
+        let mut g = Graph::new();
+        let x = g.input("x", &[4], DType::F32);
+        g.checkpoint(|g| Ok(g.scale(x, 2.0))).unwrap();
+        assert!(g.checkpoints.is_empty());
+        g.enable_checkpointing();
+        let a = g
+            .checkpoint(|g| {
+                let y = g.scale(x, 2.0);
+                g.checkpoint(|g| Ok(g.scale(y, 3.0)))
+            })
+            .unwrap();
+        g.checkpoint(|g| Ok(g.scale(a, 0.5))).unwrap();
+        assert_eq!(g.checkpoints, vec![1..3, 3..4]);
+    }
+}
