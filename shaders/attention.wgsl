@@ -145,11 +145,11 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
     let b = bh / p.heads;
     let hoff = (bh % p.heads) * D;
     let row0 = wg.x * WG * RQ;
-    var rows: array<u32, RQ>;
-    var qr: array<vec4<f32>, RQ * D4>;
-    var acc: array<vec4<f32>, RQ * D4>;
-    var m: array<f32, RQ>;
-    var l: array<f32, RQ>;
+    var rows = array<u32, RQ>();
+    var qr = array<vec4<f32>, RQ * D4>();
+    var acc = array<vec4<f32>, RQ * D4>();
+    var m = array<f32, RQ>();
+    var l = array<f32, RQ>();
     for (var r = 0u; r < RQ; r++) {
         // Rows past the end compute on a clamped row and store nothing.
         rows[r] = min(row0 + r * WG + lane, p.sq - 1u);
@@ -163,11 +163,11 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
     if (CAUSAL) { kend = min(p.sk, row0 + WG * RQ); }
     // The first tile holds key 0, visible to every row, so m is finite after it.
     for (var j0 = 0u; j0 < kend; j0 += KT) {
-        var s: array<f32, RQ * KT>;
+        var s = array<f32, RQ * KT>();
         for (var t = 0u; t < KT; t++) {
             let j = j0 + t;
             let kb = kbase + min(j, p.sk - 1u) * p.hd;
-            var dots: array<f32, RQ>;
+            var dots = array<f32, RQ>();
             for (var c = 0u; c < D4; c++) {
                 let kc = k_vec(kb, c);
                 for (var r = 0u; r < RQ; r++) { dots[r] += dot(qr[r * D4 + c], kc); }
@@ -451,12 +451,12 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     let hoff = (bh % p.heads) * D;
     let row0 = wg.x * WG * RQ;
     let scale_log2 = p.scale * LOG2E;
-    var rows: array<u32, RQ>;
-    var qr: array<vec4<f32>, RQ * D4>;
-    var dor: array<vec4<f32>, RQ * D4>;
-    var acc: array<vec4<f32>, RQ * D4>;
-    var lse2: array<f32, RQ>;
-    var dl: array<f32, RQ>;
+    var rows = array<u32, RQ>();
+    var qr = array<vec4<f32>, RQ * D4>();
+    var dor = array<vec4<f32>, RQ * D4>();
+    var acc = array<vec4<f32>, RQ * D4>();
+    var lse2 = array<f32, RQ>();
+    var dl = array<f32, RQ>();
     for (var r = 0u; r < RQ; r++) {
         rows[r] = min(row0 + r * WG + lane, p.sq - 1u);
         let base = (b * p.sq + rows[r]) * p.hd + hoff;
@@ -472,8 +472,8 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     if (CAUSAL) { kend = min(p.sk, row0 + WG * RQ); }
     for (var j = 0u; j < kend; j++) {
         let kb = kbase + j * p.hd;
-        var s: array<f32, RQ>;
-        var dp: array<f32, RQ>;
+        var s = array<f32, RQ>();
+        var dp = array<f32, RQ>();
         for (var c = 0u; c < D4; c++) {
             let kc = k_vec(kb, c);
             let vc = v_vec(kb, c);
@@ -718,11 +718,11 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
     let hoff = (bh % p.heads) * D;
     let row0 = wg.x * WG * RQ;
     let scale_log2 = p.scale * LOG2E;
-    var rows: array<u32, RQ>;
-    var kr: array<vec4<f32>, RQ * D4>;
-    var vr: array<vec4<f32>, RQ * D4>;
-    var dk: array<vec4<f32>, RQ * D4>;
-    var dv: array<vec4<f32>, RQ * D4>;
+    var rows = array<u32, RQ>();
+    var kr = array<vec4<f32>, RQ * D4>();
+    var vr = array<vec4<f32>, RQ * D4>();
+    var dk = array<vec4<f32>, RQ * D4>();
+    var dv = array<vec4<f32>, RQ * D4>();
     for (var r = 0u; r < RQ; r++) {
         rows[r] = min(row0 + r * WG + lane, p.sk - 1u);
         let base = (b * p.sk + rows[r]) * p.hd + hoff;
@@ -737,8 +737,8 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
     if (CAUSAL) { i0 = min(row0, p.sq); }
     for (var i = i0; i < p.sq; i++) {
         let qb = qbase + i * p.hd;
-        var s: array<f32, RQ>;
-        var dp: array<f32, RQ>;
+        var s = array<f32, RQ>();
+        var dp = array<f32, RQ>();
         for (var c = 0u; c < D4; c++) {
             let qc = q_vec(qb, c);
             let doc = dout_vec(qb, c);

@@ -90,7 +90,7 @@ fn dw_step(a: DwAcc, d0: mat4x4<f32>, d1: mat4x4<f32>, d2: mat4x4<f32>, d3: mat4
 
 // The sums over ox mod 4 of a<q><k> (q, k constant after unrolling).
 fn dw_sums(a: DwAcc, q: u32, k: u32) -> vec4<f32> {
-    var m: mat4x4<f32>;
+    var m = mat4x4<f32>();
     switch (q * 3u + k) {
         case 0u: { m = a.a00; } case 1u: { m = a.a01; } case 2u: { m = a.a02; }
         case 3u: { m = a.a10; } case 4u: { m = a.a11; } case 5u: { m = a.a12; }
@@ -135,7 +135,7 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let ox0 = (t % p.tiles_x) * 4u;
     let oy0 = ((t / p.tiles_x) % p.tiles_y) * TY;
     let co0 = wg.z * TCO;
-    var acc: array<vec4<f32>, TCO * TY>;
+    var acc = array<vec4<f32>, TCO * TY>();
     if (HAS_BIAS) {
         for (var c = 0u; c < TCO; c++) {
             let b = vec4<f32>(bias_load(min(co0 + c, p.co - 1u)));
@@ -147,7 +147,7 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     for (var ci = 0u; ci < p.ci; ci++) {
         let x_img = (n * p.ci + ci) * p.h;
         for (var ky = 0u; ky < KH; ky++) {
-            var win: array<array<f32, WIN>, TY>;
+            var win = array<array<f32, WIN>, TY>();
             for (var r = 0u; r < TY; r++) {
                 let iy = iy0 + i32(r * SH + ky);
                 let row = (x_img + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
@@ -157,7 +157,7 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
                 }
             }
             for (var kx = 0u; kx < KW; kx++) {
-                var wv: array<f32, TCO>;
+                var wv = array<f32, TCO>();
                 for (var c = 0u; c < TCO; c++) {
                     wv[c] = w_load(w_index(min(co0 + c, p.co - 1u), ci, ky * KW + kx, p.w_cs, p.w_ks, FLIP));
                 }
@@ -284,7 +284,7 @@ fn conv2d_forward_sg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
         for (var ky = 0u; ky < KH; ky++) {
             let iy = i32(oy * SH + ky) - i32(p.ph);
             let row = (x_img + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
-            var win: array<f32, WIN>;
+            var win = array<f32, WIN>();
             for (var j = 0u; j < WIN; j++) {
                 let ix = ix0 + i32(j);
                 win[j] = select(0.0, x_load(pix(row, ix, p.w)), inside(iy, p.h) && inside(ix, p.w));
@@ -376,7 +376,7 @@ fn x_window(x_img: u32, oy: u32, ky: u32, ox0: u32, kx0: u32) -> array<f32, XWIN
     let iy = i32(oy * SH + ky) - i32(p.ph);
     let row = (x_img + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
     let ix0 = i32(ox0 * SW + kx0) - i32(p.pw);
-    var win: array<f32, XWIN>;
+    var win = array<f32, XWIN>();
     for (var j = 0u; j < XWIN; j++) {
         let ix = ix0 + i32(j);
         win[j] = select(0.0, x_load(pix(row, ix, p.w)), inside(iy, p.h) && inside(ix, p.w));
@@ -435,12 +435,12 @@ fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(wo
     let co_1 = min(c4 + 4u, last);
     let co_2 = min(c4 + 8u, last);
     let co_3 = min(c4 + 12u, last);
-    var a: DwAcc;
+    var a = DwAcc();
     // HAS_DB: per-channel sums of dy, channels co0 + 4q .. co0 + 4q + 4.
-    var s0: vec4<f32>;
-    var s1: vec4<f32>;
-    var s2: vec4<f32>;
-    var s3: vec4<f32>;
+    var s0 = vec4<f32>();
+    var s1 = vec4<f32>();
+    var s2 = vec4<f32>();
+    var s3 = vec4<f32>();
     let rows = chunk_rows(chunk);
     var n = rows.x / p.oh;
     var oy = rows.x % p.oh;
@@ -515,10 +515,10 @@ fn conv2d_grad_weight_sg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
     let kx0 = (wg.z / p.chunks % kx_chunks) * KXS;
     let co_lo = min(co0 + lane, p.co - 1u);
     let co_hi = min(co0 + 8u + lane, p.co - 1u);
-    var a: DwAcc;
+    var a = DwAcc();
     // HAS_DB: sums of this lane's dy channels.
-    var s_lo: vec4<f32>;
-    var s_hi: vec4<f32>;
+    var s_lo = vec4<f32>();
+    var s_hi = vec4<f32>();
     let rows = chunk_rows(chunk);
     var n = rows.x / p.oh;
     var oy = rows.x % p.oh;

@@ -45,8 +45,8 @@ fn box_muller(a: u32, b: u32) -> vec2<f32> {
     let u1 = (f32(a >> 8u) + 1.0) * 5.9604644775390625e-8;
     let u2 = f32(b >> 8u) * 5.9604644775390625e-8;
     let r = sqrt(-2.0 * log(u1));
-    let phi = 6.283185307179586 * u2;
-    return vec2<f32>(r * cos(phi), r * sin(phi));
+    let sc = sincos(6.283185307179586 * u2);
+    return r * sc.yx;
 }
 
 //@ helpers rng
@@ -203,8 +203,8 @@ fn scheduler_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let x = x_load(i);
     var m = out_load(i);
     if (GUIDED) { m = m + coef_load(6u) * (out_load(i + p.n) - m); }
-    var x0: f32;
-    var eps: f32;
+    var x0 = f32();
+    var eps = f32();
     if (PREDICTION == 0u) {
         eps = m;
         x0 = (x - sb * m) / sa;

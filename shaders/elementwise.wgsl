@@ -179,7 +179,7 @@ fn broadcast_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     if (i >= p.n) { return; }
     let c = coords4(i, p.d1, p.d2, p.d3);
     let bv = b_load(c.x * p.bs0 + c.y * p.bs1 + c.z * p.bs2 + c.w * p.bs3);
-    var v: f32;
+    var v = f32();
     switch OP {
         case 0u: { v = a_load(i) + bv; }
         case 1u: { v = a_load(i) * bv; }

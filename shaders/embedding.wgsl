@@ -3,26 +3,6 @@
 
 const WG: u32 = 256u;
 
-// sin and cos of x with Cody-Waite reduction by pi/2: GPU sin/cos built-ins
-// are only accurate near [-pi, pi], and timestep phases reach ~1000 rad.
-// PIO2_1 and PIO2_2 have 12 significant bits, so k * PIO2_{1,2} is exact for
-// |k| < 4096 (|x| < ~6400); PIO2_3 is the rest of pi/2.
-const PIO2_1: f32 = 1.5703125;
-const PIO2_2: f32 = 4.837512969970703e-4;
-const PIO2_3: f32 = 7.549790126404332e-8;
-fn sincos(x: f32) -> vec2<f32> {
-    let k = round(x * 0.6366197723675814);
-    let r = ((x - k * PIO2_1) - k * PIO2_2) - k * PIO2_3;
-    let s = sin(r);
-    let c = cos(r);
-    switch (i32(k) & 3) {
-        case 0: { return vec2<f32>(s, c); }
-        case 1: { return vec2<f32>(c, -s); }
-        case 2: { return vec2<f32>(-s, -c); }
-        default: { return vec2<f32>(-c, s); }
-    }
-}
-
 // Table row of a token id stored as a float: rounded, and clamped into
 // [0, rows) so a bad id cannot read out of bounds (the CLI validates ids).
 fn token_row(id: f32, rows: u32) -> u32 {

@@ -114,7 +114,7 @@ fn rows_of(z: u32, row0: u32) -> Rows {
 
 // A's column k (offset a_k) for every row block in use.
 fn a_column(rows: Rows, a_k: u32) -> ACol {
-    var a: ACol;
+    var a = ACol();
     a.a0 = a_col4(rows.r0, a_k);
     if (RB > 1u) { a.a1 = a_col4(rows.r1, a_k); }
     if (RB > 2u) { a.a2 = a_col4(rows.r2, a_k); }
@@ -209,7 +209,7 @@ fn bt_col4(z: u32, col: u32, k0: u32) -> vec4<f32> {
 }
 
 fn bt_block(z: u32, col0: u32, k0: u32) -> BBlock {
-    var b: BBlock;
+    var b = BBlock();
     b.v0 = bt_col4(z, col0, k0);
     b.v1 = bt_col4(z, col0 + 1u, k0);
     b.v2 = bt_col4(z, col0 + 2u, k0);
@@ -257,10 +257,10 @@ fn store_tile(t: Tile, row0: u32, col0: u32, z: u32) {
 fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let row0 = wg.y * 4u * RB;
     let rows = rows_of(wg.z, row0);
-    var t: Tile;
+    var t = Tile();
     let col0 = wg.x * PW + lid.x * TN;
     var b_at = b_start(wg.z, wg.x, lid.x);
-    var asum: ACol;
+    var asum = ACol();
     for (var kk = 0u; kk < p.k; kk++) {
         let b = b_row(b_at, col0);
         let a = a_column(rows, kk * p.a_cs);
@@ -291,18 +291,18 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
 fn gemm_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let row0 = wg.y * 4u * RB;
     let rows = rows_of(wg.z, row0);
-    var t: Tile;
+    var t = Tile();
     let col0 = wg.x * PW + lid.x * TN;
     var b_at = b_start(wg.z, wg.x, lid.x);
     let k_blocks = p.k / WGX;
     // ROWSUM: each lane sums the columns it loads; lane 0 also the tail's.
-    var asum: ACol;
-    var bt: BBlock;
+    var asum = ACol();
+    var bt = BBlock();
     for (var kb = 0u; kb < k_blocks; kb++) {
         let mine = a_column(rows, (kb * WGX + lid.x) * p.a_cs);
         if (ROWSUM) { asum = acol_add(asum, mine); }
         for (var l = 0u; l < WGX; l++) {
-            var a: ACol;
+            var a = ACol();
             a.a0 = subgroupShuffle(mine.a0, l);
             if (RB > 1u) { a.a1 = subgroupShuffle(mine.a1, l); }
             if (RB > 2u) { a.a2 = subgroupShuffle(mine.a2, l); }
@@ -311,7 +311,7 @@ fn gemm_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
             if (RB > 5u) { a.a5 = subgroupShuffle(mine.a5, l); }
             if (RB > 6u) { a.a6 = subgroupShuffle(mine.a6, l); }
             if (RB > 7u) { a.a7 = subgroupShuffle(mine.a7, l); }
-            var b: array<vec4<f32>, 2>;
+            var b = array<vec4<f32>, 2>();
             if (TRANS_B) {
                 if (l % 4u == 0u) { bt = bt_block(wg.z, col0, kb * WGX + l); }
                 b = bt_row(bt, l % 4u);
@@ -323,7 +323,7 @@ fn gemm_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
         }
     }
     for (var kk = k_blocks * WGX; kk < p.k; kk++) {
-        var b: array<vec4<f32>, 2>;
+        var b = array<vec4<f32>, 2>();
         if (TRANS_B) {
             if (kk % 4u == 0u) { bt = bt_block(wg.z, col0, kk); }
             b = bt_row(bt, kk % 4u);

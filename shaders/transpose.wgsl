@@ -86,7 +86,7 @@ fn transpose_blocks(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     let yi = (b * p.c + c0) * p.r + r0;
     let nr = min(4u, p.r - r0);
     let nc = min(4u, p.c - c0);
-    var rows: array<vec4<f32>, 4>;
+    var rows = array<vec4<f32>, 4>();
     for (var k = 0u; k < nr; k++) { rows[k] = load_run(xi + k * p.c, p.c - c0); }
     for (var j = 0u; j < nc; j++) {
         let col = vec4<f32>(rows[0][j], rows[1][j], rows[2][j], rows[3][j]);

@@ -7,6 +7,10 @@
 //! sessions), `ops` (one file per op: forward and backward kernels, CPU
 //! reference, tests), `gpu` (device, pipelines, shaders, readback).
 
+// wgpu's types are neither Send nor Sync in the browser (one thread there),
+// so shared handles are `Arc`s of non-Send types on wasm32 only.
+#![cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
+
 #[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
 pub mod dtype;
@@ -14,13 +18,11 @@ pub mod error;
 pub mod gpu;
 pub mod graph;
 pub mod io;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod models;
 pub mod nn;
 pub mod ops;
-#[cfg(not(target_arch = "wasm32"))]
+pub mod platform;
 pub mod sample;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod train;
 
 pub use dtype::DType;

@@ -8,8 +8,8 @@ use difftrain::graph::{AdamW, Graph, RunSpec, Session};
 use difftrain::io::TensorFile;
 use difftrain::ops::optim::{ema_label, EMA_ONE_MINUS_DECAY};
 use difftrain::ops::testing::gpu;
-use difftrain::train::checkpoint::reset_ema;
 use difftrain::train::ema::EmaSchedule;
+use difftrain::train::run::reset_ema;
 use difftrain::DType;
 use std::sync::Arc;
 mod common;
@@ -65,7 +65,7 @@ fn ema_matches_diffusers_emamodel() {
                 .unwrap();
             s.write(*seed, &[1.0]).unwrap();
         }
-        reset_ema(&s).unwrap();
+        pollster::block_on(reset_ema(&s)).unwrap();
         let decays = c["decay_per_step"].as_array().unwrap();
         for k in 1..=decays.len() {
             let d = schedule.decay_at(k as u64);

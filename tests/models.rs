@@ -282,7 +282,10 @@ fn parameters_read_back_from_a_session_save_unchanged() {
     load_params(&s, &file).unwrap();
     let out =
         std::env::temp_dir().join(format!("difftrain-save-{}.safetensors", std::process::id()));
-    read_params(&s, &out).unwrap().write(&out, None).unwrap();
+    pollster::block_on(read_params(&s, &out))
+        .unwrap()
+        .write(&out, None)
+        .unwrap();
     let saved = TensorFile::read(&out).unwrap();
     assert_eq!(saved.tensors, original.tensors);
     std::fs::remove_file(&out).unwrap();

@@ -65,7 +65,7 @@ fn ddim_and_ddpm_match_diffusers() {
             .map(|&v| v as i64)
             .collect();
         assert_eq!(ts, want_ts, "{name} timesteps");
-        let out = sample(gpu(), &p, &sampler, &request(steps), None).unwrap();
+        let out = pollster::block_on(sample(gpu(), &p, &sampler, &request(steps), None)).unwrap();
         let err = rel_l2(&out.latents.values, &w(&format!("{name}.final")).values);
         println!("{name}: final latents relative L2 {err:.2e}");
         assert!(err < tol, "{name}: {err:.2e} > {tol:.0e}");

@@ -81,6 +81,30 @@ fn every_shader_validates_and_translates_for_every_storage() {
     assert!(checked > 0);
 }
 
+/// Chromium's WebGPU (Tint) does not zero a `var x: T;` declared in a loop
+/// on every iteration, as WGSL says it is: the attention forward's score
+/// accumulators kept the last key's sums and every output was wrong in the
+/// browser. Every function-scope `var` therefore has an initializer.
+#[test]
+fn every_function_variable_has_an_initializer() {
+    let mut bare = Vec::new();
+    for (name, source) in SOURCES {
+        for (n, line) in source.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            let t = code.trim_start();
+            let indented = code.len() > t.len();
+            if indented && t.starts_with("var ") && t.ends_with(';') && !t.contains('=') {
+                bare.push(format!("{name}.wgsl:{}: {}", n + 1, t));
+            }
+        }
+    }
+    assert!(
+        bare.is_empty(),
+        "write `var x = T();` instead of `var x: T;`:\n{}",
+        bare.join("\n")
+    );
+}
+
 #[test]
 fn header_errors_are_reported() {
     let bad = "//@ entry e\n//@ tensors x:sideways\n";

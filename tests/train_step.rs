@@ -168,7 +168,7 @@ fn accumulated_half_batches_equal_one_whole_batch() {
     use difftrain::io::WeightFile;
     use difftrain::models::weights::load_params;
     use difftrain::models::UNet;
-    use difftrain::train::single_step::{adamw, noise_schedule, step_options};
+    use difftrain::train::options::{adamw, noise_schedule, step_options};
     use difftrain::train::step::{StepShape, TrainStep};
     use std::sync::Arc;
 
@@ -206,7 +206,7 @@ fn accumulated_half_batches_equal_one_whole_batch() {
             .collect();
         s.write(step.alphas_cumprod, &schedule.alphas_cumprod())
             .unwrap();
-        TrainStep::write_loss_grad(&s, step.loss_grad, accum).unwrap();
+        pollster::block_on(TrainStep::write_loss_grad(&s, step.loss_grad, accum)).unwrap();
         for m in 0..accum {
             let b0 = m * batch;
             s.write(step.latents, &rows("latents", b0, batch)).unwrap();
@@ -247,7 +247,7 @@ fn accumulated_half_batches_equal_one_whole_batch() {
 fn planned_step(case: &str, batch: usize, latent: usize, checkpointing: bool) -> (u64, usize) {
     use difftrain::graph::Plan;
     use difftrain::models::UNet;
-    use difftrain::train::single_step::{adamw, noise_schedule, step_options};
+    use difftrain::train::options::{adamw, noise_schedule, step_options};
     use difftrain::train::step::{StepShape, TrainStep};
 
     let dir = fixture("train_step");

@@ -105,7 +105,7 @@ pub fn run(gpu: &Gpu, a: SampleArgs) -> Result<()> {
         width: a.width.or(a.height).unwrap_or(w0 * f),
         latents,
     };
-    let out = sample(gpu, &p, &sampler, &req, None)?;
+    let out = difftrain::platform::block_on(sample(gpu, &p, &sampler, &req, None))?;
     if png {
         write_grid(&out.images, a.num_images, &a.out)?;
     } else {

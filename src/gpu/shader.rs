@@ -320,6 +320,29 @@ fn bf16_bits(v: f32) -> u32 {
     return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
 }
 fn bf16_value(h: u32) -> f32 { return bitcast<f32>(h << 16u); }
+// (sin x, cos x) to about 1e-7 on every backend. The built-ins need only be
+// within 2^-11 of the truth on [-pi, pi] (SwiftShader's are 2e-4 off, which
+// moved a training loss by 1e-4 between browser and native), and timestep
+// phases reach ~1000 rad. Cody-Waite reduction by pi/2: PIO2_1 and PIO2_2
+// have 12 significant bits, so k * PIO2_{1,2} is exact for |k| < 4096
+// (|x| < ~6400); PIO2_3 is the rest of pi/2. Then Taylor polynomials on
+// [-pi/4, pi/4] (truncation below 2e-9).
+const PIO2_1: f32 = 1.5703125;
+const PIO2_2: f32 = 4.837512969970703e-4;
+const PIO2_3: f32 = 7.549790126404332e-8;
+fn sincos(x: f32) -> vec2<f32> {
+    let k = round(x * 0.6366197723675814);
+    let r = ((x - k * PIO2_1) - k * PIO2_2) - k * PIO2_3;
+    let r2 = r * r;
+    let s = r * (1.0 + r2 * (-1.0 / 6.0 + r2 * (1.0 / 120.0 + r2 * (-1.0 / 5040.0 + r2 * (1.0 / 362880.0)))));
+    let c = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24.0 + r2 * (-1.0 / 720.0 + r2 * (1.0 / 40320.0 + r2 * (-1.0 / 3628800.0)))));
+    switch (i32(k) & 3) {
+        case 0: { return vec2<f32>(s, c); }
+        case 1: { return vec2<f32>(c, -s); }
+        case 2: { return vec2<f32>(-s, -c); }
+        default: { return vec2<f32>(-c, s); }
+    }
+}
 "#;
 
 /// Emit the binding of one tensor and its load/store helpers.

@@ -37,10 +37,13 @@ impl Session {
             .map(|(label, bytes)| gpu.storage_buffer(label, *bytes))
             .collect();
         // Header tensors left unbound: one dummy for those a shader only
-        // reads, another for those it writes (a dispatch may not use one
-        // buffer both read-only and writable).
+        // reads; those it writes each get their own slot of another (WebGPU
+        // allows no buffer range bound writable twice in one dispatch, nor
+        // bound both read-only and writable).
         let dummy_read = gpu.storage_buffer("unbound (read)", 16);
-        let dummy_write = gpu.storage_buffer("unbound (written)", 16);
+        let slot = gpu.caps.storage_offset_alignment.max(16);
+        let slots = gpu.limits.max_storage_buffers_per_shader_stage.max(1) as u64;
+        let dummy_write = gpu.storage_buffer("unbound (written)", slot * slots);
 
         // All kernels' params in one uniform buffer, each at an aligned offset.
         let align = gpu.limits.min_uniform_buffer_offset_alignment as usize;
@@ -129,7 +132,13 @@ impl Session {
                     }
                     None => match entry.tensors[i].1 {
                         Access::Read | Access::ReadVec4 => dummy_read.as_entire_binding(),
-                        Access::Write | Access::ReadWrite => dummy_write.as_entire_binding(),
+                        Access::Write | Access::ReadWrite => {
+                            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: &dummy_write,
+                                offset: slot * i as u64,
+                                size: wgpu::BufferSize::new(16),
+                            })
+                        }
                     },
                 };
                 entries.push(wgpu::BindGroupEntry {

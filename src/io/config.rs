@@ -10,8 +10,8 @@ use std::path::Path;
 
 /// Read a JSON object from `path`.
 pub fn read_json(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+    let text = crate::platform::read_to_string(path)
+        .map_err(|e| file_err(path, format!("cannot read: {e}")))?;
     match serde_json::from_str(&text) {
         Ok(serde_json::Value::Object(map)) => Ok(map),
         Ok(_) => Err(file_err(path, "expected a JSON object")),

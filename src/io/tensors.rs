@@ -203,20 +203,39 @@ impl TensorFile {
     /// Tensors are encoded one at a time as they stream to a temporary file
     /// that is then renamed into place. The header carries
     /// `{"format": "pt"}` as torch's writers put it (transformers checks it).
+    /// In the browser (no files to stream to) it is encoded whole and
+    /// written to the in-memory file table.
     pub fn write(&self, path: &Path, float: Option<StoredDType>) -> Result<()> {
-        let views = self.tensors.iter().map(|(name, t)| {
+        #[cfg(not(target_arch = "wasm32"))]
+        return write_via_temp(path, |tmp| {
+            safetensors::serialize_to_file(self.views(float), Some(pt_metadata()), tmp)
+                .map_err(|e| file_err(tmp, format!("cannot write: {e}")))
+        });
+        #[cfg(target_arch = "wasm32")]
+        write_atomic(path, &self.to_bytes(float)?)
+    }
+
+    /// The safetensors file [`TensorFile::write`] writes, as bytes.
+    pub fn to_bytes(&self, float: Option<StoredDType>) -> Result<Vec<u8>> {
+        safetensors::serialize(self.views(float), Some(pt_metadata()))
+            .map_err(|e| file_err(&self.path, format!("cannot encode: {e}")))
+    }
+
+    /// Each tensor as written: in its `file_dtype`, or `float` for floats.
+    fn views(&self, float: Option<StoredDType>) -> impl Iterator<Item = (&str, Encoded<'_>)> {
+        self.tensors.iter().map(move |(name, t)| {
             let dtype = match (t.file_dtype, float) {
                 (StoredDType::I64 | StoredDType::I32, _) | (_, None) => t.file_dtype,
                 (_, Some(f)) => f,
             };
             (name.as_str(), Encoded { t, dtype })
-        });
-        let metadata = [("format".to_string(), "pt".to_string())].into();
-        write_via_temp(path, |tmp| {
-            safetensors::serialize_to_file(views, Some(metadata), tmp)
-                .map_err(|e| file_err(tmp, format!("cannot write: {e}")))
         })
     }
+}
+
+/// The header metadata torch's writers put (transformers checks it).
+fn pt_metadata() -> std::collections::HashMap<String, String> {
+    [("format".to_string(), "pt".to_string())].into()
 }
 
 /// A host tensor as safetensors sees it, encoded when written.
@@ -248,31 +267,8 @@ impl safetensors::View for Encoded<'_> {
 /// weights next to the file's bytes.
 pub struct WeightFile {
     pub path: PathBuf,
-    bytes: FileBytes,
+    bytes: crate::platform::FileBytes,
     entries: BTreeMap<String, Entry>,
-}
-
-/// A file's bytes: memory-mapped on native targets, so that decoding a
-/// tensor reads its pages from the page cache and the weights are never
-/// copied whole into the heap; read whole on wasm (no mapping there).
-#[cfg(not(target_arch = "wasm32"))]
-type FileBytes = memmap2::Mmap;
-#[cfg(target_arch = "wasm32")]
-type FileBytes = Vec<u8>;
-
-fn file_bytes(path: &Path) -> Result<FileBytes> {
-    let err = |e: std::io::Error| file_err(path, format!("cannot read: {e}"));
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        let file = std::fs::File::open(path).map_err(err)?;
-        // Safety: the mapping is only read. A file changed by another
-        // process while mapped may show its new contents (as a read racing
-        // the write would); difftrain never writes a file it has mapped:
-        // checkpoints and pipelines are written to a temporary and renamed.
-        unsafe { memmap2::Mmap::map(&file) }.map_err(err)
-    }
-    #[cfg(target_arch = "wasm32")]
-    std::fs::read(path).map_err(err)
 }
 
 /// Where one tensor lies in a [`WeightFile`].
@@ -313,7 +309,7 @@ fn truncated_tensor(bytes: &[u8]) -> Option<String> {
 
 impl WeightFile {
     pub fn read(path: &Path) -> Result<WeightFile> {
-        let bytes = file_bytes(path)?;
+        let bytes = crate::platform::map_file(path)?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| match truncated_tensor(&bytes) {
             Some(msg) => file_err(path, msg),
             None => file_err(
@@ -363,16 +359,7 @@ impl WeightFile {
     pub fn decode(&self, name: &str) -> Option<Vec<f32>> {
         let e = self.entries.get(name)?;
         let values = e.decode(&self.bytes);
-        #[cfg(unix)]
-        // Safety: a read-only, shared mapping of a file: dropped pages are
-        // read from the file again if touched, and no borrow of them lives on.
-        unsafe {
-            let _ = self.bytes.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                e.range.start,
-                e.range.len(),
-            );
-        }
+        crate::platform::release(&self.bytes, e.range.clone());
         Some(values)
     }
 
@@ -394,7 +381,7 @@ impl WeightFile {
 /// never leaves a half-written file under the final name.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_via_temp(path, |tmp| {
-        std::fs::write(tmp, bytes).map_err(|e| file_err(tmp, format!("cannot write: {e}")))
+        crate::platform::write(tmp, bytes).map_err(|e| file_err(tmp, format!("cannot write: {e}")))
     })
 }
 
@@ -402,7 +389,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 fn write_via_temp(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = path.with_extension("partial");
     write(&tmp)?;
-    std::fs::rename(&tmp, path)
+    crate::platform::rename(&tmp, path)
         .map_err(|e| file_err(path, format!("cannot rename into place: {e}")))
 }
 

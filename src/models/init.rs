@@ -78,7 +78,8 @@ pub fn init_model(
             ("diffusion_pytorch_model", header, json!(vae.config))
         }
     };
-    std::fs::create_dir_all(out).map_err(|e| file_err(out, format!("cannot create: {e}")))?;
+    crate::platform::create_dir_all(out)
+        .map_err(|e| file_err(out, format!("cannot create: {e}")))?;
     write_config(&out.join("config.json"), &header, &fields)?;
     let name = if fp16 {
         format!("{stem}.fp16.safetensors")

@@ -4,6 +4,8 @@
 //! `tokenizer` turns prompts into the text encoder's input ids.
 
 pub mod clip;
+// The `forward` command's runners (blocking readbacks): native only.
+#[cfg(not(target_arch = "wasm32"))]
 pub mod forward;
 pub mod init;
 pub mod pipeline;

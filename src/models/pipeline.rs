@@ -30,7 +30,7 @@ const COMPONENTS: [(&str, &[&str]); 5] = [
 /// The folder of component `name` given either that folder itself or a
 /// pipeline root (a folder with `model_index.json`).
 pub fn component_dir(dir: &Path, name: &str) -> PathBuf {
-    if dir.join("model_index.json").exists() {
+    if crate::platform::is_file(&dir.join("model_index.json")) {
         dir.join(name)
     } else {
         dir.to_path_buf()
@@ -74,7 +74,7 @@ impl PipelineDir {
                     ),
                 ));
             }
-            if !root.join(name).is_dir() {
+            if !crate::platform::is_dir(&root.join(name)) {
                 return Err(file_err(
                     root,
                     format!("model_index.json names '{name}' but there is no {name}/ folder"),

@@ -78,8 +78,8 @@ impl ClipTokenizer {
         let config = FolderConfig::read(dir)?;
         let [unk, bos, eos, pad] = &config.specials;
         let json_path = dir.join("tokenizer.json");
-        let mut tokenizer = if json_path.is_file() {
-            let bytes = std::fs::read(&json_path)
+        let mut tokenizer = if crate::platform::is_file(&json_path) {
+            let bytes = crate::platform::read(&json_path)
                 .map_err(|e| file_err(&json_path, format!("cannot read: {e}")))?;
             Tokenizer::from_bytes(&bytes)
                 .map_err(|e| file_err(&json_path, format!("not a valid tokenizer.json: {e}")))?
@@ -212,7 +212,7 @@ fn add_token(tokenizer: &mut Tokenizer, token: &AddedToken, path: &Path) -> Resu
 /// `vocab.json` + `merges.txt`.
 fn bpe_pipeline(dir: &Path, unk: &str) -> Result<Tokenizer> {
     let vocab_path = dir.join("vocab.json");
-    let text = std::fs::read_to_string(&vocab_path).map_err(|e| {
+    let text = crate::platform::read_to_string(&vocab_path).map_err(|e| {
         file_err(
             &vocab_path,
             format!(
@@ -262,8 +262,8 @@ fn bpe_pipeline(dir: &Path, unk: &str) -> Result<Tokenizer> {
 /// does: the first line (`#version: ...`) skipped, at most
 /// [`CLIP_MAX_MERGES`] pairs.
 fn read_merges(path: &Path) -> Result<Merges> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+    let text = crate::platform::read_to_string(path)
+        .map_err(|e| file_err(path, format!("cannot read: {e}")))?;
     text.trim()
         .split('\n')
         .enumerate()
@@ -386,7 +386,7 @@ fn config_err(path: &Path, field: &str, msg: impl Into<String>) -> Error {
 
 /// The JSON object of `path`, empty when the file does not exist.
 fn read_optional_json(path: &Path) -> Result<Map<String, Value>> {
-    if path.exists() {
+    if crate::platform::exists(path) {
         read_json(path)
     } else {
         Ok(Map::new())

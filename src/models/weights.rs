@@ -18,9 +18,9 @@ use std::path::{Path, PathBuf};
 pub fn weights_path(dir: &Path, stem: &str) -> Result<PathBuf> {
     let full = dir.join(format!("{stem}.safetensors"));
     let half = dir.join(format!("{stem}.fp16.safetensors"));
-    if full.exists() {
+    if crate::platform::is_file(&full) {
         Ok(full)
-    } else if half.exists() {
+    } else if crate::platform::is_file(&half) {
         Ok(half)
     } else {
         Err(file_err(
@@ -134,13 +134,12 @@ pub fn warn_unused(g: &Graph, file: &WeightFile) {
 }
 
 /// Every parameter of the session read back, named as in the graph.
-#[cfg(not(target_arch = "wasm32"))]
-pub fn read_params(s: &Session, path: &Path) -> Result<TensorFile> {
+pub async fn read_params(s: &Session, path: &Path) -> Result<TensorFile> {
     let g = &s.graph;
     let mut out = TensorFile::new(path);
     for p in g.params() {
         let d = g.desc(p);
-        out.insert(&d.name, HostTensor::f32(&d.shape, s.read_blocking(p)?));
+        out.insert(&d.name, HostTensor::f32(&d.shape, s.read(p).await?));
     }
     Ok(out)
 }

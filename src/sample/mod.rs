@@ -58,7 +58,7 @@ pub fn pipeline_sampler(p: &PipelineDir, kind: SamplerKind) -> Result<Sampler> {
 /// Sample from the pipeline in `p` with `sampler`; the UNet's weights
 /// from `unet_dir` when given (validation during training), else the
 /// pipeline's `unet/`.
-pub fn sample(
+pub async fn sample(
     gpu: &Gpu,
     p: &PipelineDir,
     sampler: &Sampler,
@@ -158,7 +158,7 @@ pub fn sample(
         unet.record_copy(&mut cmd, x_prev, &unet, x)?;
         gpu.queue.submit([cmd.finish()]);
     }
-    let latents = unet.read_blocking(x)?;
+    let latents = unet.read(x).await?;
 
     // Decode: image = vae.decode(latents / scaling_factor), then to [0, 1].
     let mut g = Graph::new();
@@ -169,7 +169,8 @@ pub fn sample(
     vae.write(z, &latents)?;
     vae.step()?;
     let pixels: Vec<f32> = vae
-        .read_blocking(image)?
+        .read(image)
+        .await?
         .into_iter()
         .map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0))
         .collect();

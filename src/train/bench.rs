@@ -145,7 +145,7 @@ fn train_session(gpu: &Gpu, config: &Path, case: &TrainBench) -> Result<(Session
     s.write(step.context, &random(n(step.context), 2))?;
     s.write(step.alphas_cumprod, &schedule.alphas_cumprod())?;
     s.write(step.key, &rng_key(0, 0))?;
-    TrainStep::write_loss_grad(&s, step.loss_grad, 1)?;
+    crate::platform::block_on(TrainStep::write_loss_grad(&s, step.loss_grad, 1))?;
     Ok((s, step, step_flops))
 }
 

@@ -12,6 +12,7 @@
 
 use crate::error::{file_err, Result};
 use crate::models::init::{init_model, Component};
+use crate::platform;
 use std::path::{Path, PathBuf};
 
 /// The preset config of the built-in run; a user's config and `--set`
@@ -78,8 +79,8 @@ pub fn pipeline_dir() -> Result<PathBuf> {
             hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
         }
     }
-    let dir = std::env::temp_dir().join(format!("difftrain-builtin-{hash:016x}"));
-    if !dir.join("model_index.json").exists() {
+    let dir = platform::temp_dir().join(format!("difftrain-builtin-{hash:016x}"));
+    if !platform::is_file(&dir.join("model_index.json")) {
         write_pipeline(&dir)?;
     }
     Ok(dir)
@@ -88,23 +89,23 @@ pub fn pipeline_dir() -> Result<PathBuf> {
 /// Write the built-in pipeline into `dir` through a temporary folder and a
 /// rename, so a crash never leaves half a pipeline under the final name.
 pub fn write_pipeline(dir: &Path) -> Result<()> {
-    let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = dir.with_extension(format!("tmp{}", platform::process_id()));
     let io = |p: &Path, e: std::io::Error| file_err(p, e.to_string());
     let files = FILES.iter().map(|(p, t)| (*p, t.as_bytes()));
     for (path, bytes) in files.chain([VAE_WEIGHTS]) {
         let p = tmp.join(path);
-        std::fs::create_dir_all(p.parent().expect("a file in a folder")).map_err(|e| io(&p, e))?;
-        std::fs::write(&p, bytes).map_err(|e| io(&p, e))?;
+        platform::create_dir_all(p.parent().expect("a file in a folder")).map_err(|e| io(&p, e))?;
+        platform::write(&p, bytes).map_err(|e| io(&p, e))?;
     }
     for (component, name, seed) in SEEDS {
         let folder = tmp.join(name);
         init_model(component, &folder.join("config.json"), &folder, seed, false)?;
     }
-    match std::fs::rename(&tmp, dir) {
+    match platform::rename(&tmp, dir) {
         Ok(()) => Ok(()),
         // Another process built it first: theirs is identical.
-        Err(_) if dir.join("model_index.json").exists() => {
-            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))
+        Err(_) if platform::is_file(&dir.join("model_index.json")) => {
+            platform::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))
         }
         Err(e) => Err(io(dir, e)),
     }

@@ -108,12 +108,12 @@ impl EncoderCache {
     /// The outputs of `batch` encoder inputs laid end to end in `inputs`,
     /// each `shape` (one row of the output, without the batch dim): read
     /// from the cache, or made by `encode(input, key)` and stored.
-    pub fn outputs(
+    pub async fn outputs(
         &mut self,
         inputs: &[f32],
         batch: usize,
         shape: &[usize],
-        mut encode: impl FnMut(&[f32], &blake3::Hash) -> Result<Vec<f32>>,
+        mut encode: impl AsyncFnMut(&[f32], &blake3::Hash) -> Result<Vec<f32>>,
     ) -> Result<Vec<f32>> {
         let mut out = Vec::new();
         for input in inputs.chunks(inputs.len() / batch) {
@@ -121,7 +121,7 @@ impl EncoderCache {
             let v = match self.get(&key, shape.iter().product()) {
                 Some(v) => v,
                 None => {
-                    let v = encode(input, &key)?;
+                    let v = encode(input, &key).await?;
                     self.put(&key, shape, v.clone())?;
                     v
                 }

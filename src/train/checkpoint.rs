@@ -16,36 +16,16 @@
 //! Because noise and timesteps come from a counter-based generator, the
 //! micro-step counter is all the RNG state there is.
 
-use super::data::Position;
-use super::lr::LrSchedule;
+use super::run::write_unet;
+pub use super::run::TrainerState;
 use crate::error::{file_err, Error, Result};
 use crate::graph::Session;
-use crate::io::config::write_config;
 use crate::io::{HostTensor, TensorFile, WeightFile};
-use crate::models::weights::{load_params, read_params};
+use crate::models::weights::load_params;
 use crate::models::UNet;
 use crate::ops::optim::{ema_label, ADAMW_STEP, EMA_ONE_MINUS_DECAY, GRAD_SCALER};
-use serde::{Deserialize, Serialize};
+use crate::platform::block_on;
 use std::path::{Path, PathBuf};
-
-/// Everything besides tensors that a resumed run needs.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TrainerState {
-    /// Optimizer steps done.
-    pub global_step: u64,
-    /// Micro-batches done: the random generator's counter.
-    pub micro_step: u64,
-    /// Where the data loader continues.
-    pub position: Position,
-    pub seed: u64,
-    pub lr_scheduler: LrSchedule,
-    pub learning_rate: f32,
-    pub lr_warmup_steps: u64,
-    pub max_train_steps: u64,
-    pub images_skipped: u64,
-    /// Training time so far, seconds.
-    pub elapsed_s: f64,
-}
 
 const STATE: &str = "trainer_state.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
@@ -104,10 +84,10 @@ pub fn save(
     }
     std::fs::create_dir_all(tmp.join("unet")).map_err(|e| io(&tmp, e))?;
 
-    write_unet(&tmp.join("unet"), session, unet, false)?;
+    block_on(write_unet(&tmp.join("unet"), session, unet, false))?;
     if has_ema(session) {
         std::fs::create_dir_all(tmp.join("unet_ema")).map_err(|e| io(&tmp, e))?;
-        write_unet(&tmp.join("unet_ema"), session, unet, true)?;
+        block_on(write_unet(&tmp.join("unet_ema"), session, unet, true))?;
     }
     pause_for_crash_test(state.global_step);
     let mut opt = TensorFile::new(&tmp.join(OPTIMIZER));
@@ -135,33 +115,9 @@ pub fn save(
     Ok(dir)
 }
 
-/// The UNet's `config.json` and weights (diffusers layout) into `dir`:
-/// the trained weights, or with `ema` their EMA shadows.
-pub fn write_unet(dir: &Path, session: &Session, unet: &UNet, ema: bool) -> Result<()> {
-    let header = [("_class_name", serde_json::json!("UNet2DConditionModel"))];
-    write_config(&dir.join("config.json"), &header, &unet.config)?;
-    let path = dir.join("diffusion_pytorch_model.safetensors");
-    let mut weights = read_params(session, &path)?;
-    if ema {
-        for (name, t) in weights.tensors.iter_mut() {
-            t.values = session.read_state_blocking(&ema_label(name))?;
-        }
-    }
-    weights.write(&path, None)
-}
-
 /// Whether the session keeps an EMA of its parameters.
 fn has_ema(session: &Session) -> bool {
     !session.state_labels(EMA_ONE_MINUS_DECAY).is_empty()
-}
-
-/// Start the EMA shadows as copies of the parameters (`EMAModel(params)`).
-pub fn reset_ema(session: &Session) -> Result<()> {
-    for &p in &session.plan.trained_params {
-        let values = session.read_blocking(p)?;
-        session.write_state(&ema_label(&session.graph.desc(p).name), &values)?;
-    }
-    Ok(())
 }
 
 /// Restore a checkpoint into `session` (whose graph is `unet`'s training

@@ -261,7 +261,8 @@ impl Config {
     pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Config> {
         let (text, source) = match path {
             Some(p) => (
-                std::fs::read_to_string(p).map_err(|e| file_err(p, format!("cannot read: {e}")))?,
+                crate::platform::read_to_string(p)
+                    .map_err(|e| file_err(p, format!("cannot read: {e}")))?,
                 p.display().to_string(),
             ),
             None => (String::new(), "built-in defaults".to_string()),
@@ -282,7 +283,8 @@ impl Config {
     pub fn for_training(path: Option<&Path>, sets: &[String]) -> Result<Config> {
         let (text, source) = match path {
             Some(p) => (
-                std::fs::read_to_string(p).map_err(|e| file_err(p, format!("cannot read: {e}")))?,
+                crate::platform::read_to_string(p)
+                    .map_err(|e| file_err(p, format!("cannot read: {e}")))?,
                 p.display().to_string(),
             ),
             None => (String::new(), "the built-in preset".to_string()),

@@ -823,14 +823,28 @@ pub struct Batch {
 ///
 /// Images of a batch are decoded on a few threads at once; up to `depth`
 /// finished batches wait in a bounded channel. Dropping the loader stops its
-/// thread.
+/// thread. Where threads cannot be started (the browser) batches are made
+/// when asked for, the same batches.
 pub struct Loader {
-    rx: Option<Receiver<Result<Batch>>>,
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
+    feed: Feed,
     /// The fatal error already returned (path, message), returned again by
     /// later calls to [`Loader::next`].
     failed: Option<(String, String)>,
+}
+
+enum Feed {
+    Thread {
+        rx: Option<Receiver<Result<Batch>>>,
+        stop: Arc<AtomicBool>,
+        handle: Option<JoinHandle<()>>,
+    },
+    Inline {
+        dataset: Arc<Dataset>,
+        seed: u64,
+        batch_size: usize,
+        pos: Position,
+        orders: OrderCache,
+    },
 }
 
 impl Loader {
@@ -846,26 +860,25 @@ impl Loader {
         let (tx, rx) = sync_channel(depth.max(1));
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = Arc::clone(&stop);
+        let thread_dataset = Arc::clone(&dataset);
         let handle = std::thread::Builder::new()
             .name("difftrain-data".to_string())
-            .spawn(move || produce(&dataset, seed, batch_size, start, &tx, &thread_stop));
-        match handle {
-            Ok(handle) => Loader {
+            .spawn(move || produce(&thread_dataset, seed, batch_size, start, &tx, &thread_stop));
+        let feed = match handle {
+            Ok(handle) => Feed::Thread {
                 rx: Some(rx),
                 stop,
                 handle: Some(handle),
-                failed: None,
             },
-            Err(e) => Loader {
-                rx: None,
-                stop,
-                handle: None,
-                failed: Some((
-                    "data loader".to_string(),
-                    format!("cannot start the loader thread: {e}"),
-                )),
+            Err(_) => Feed::Inline {
+                dataset,
+                seed,
+                batch_size,
+                pos: start,
+                orders: OrderCache::default(),
             },
-        }
+        };
+        Loader { feed, failed: None }
     }
 
     /// The next batch (blocks until it is ready). Errs when a whole epoch has
@@ -879,16 +892,33 @@ impl Loader {
                 msg: msg.clone(),
             });
         }
-        let received = match &self.rx {
-            Some(rx) => rx.recv().ok(),
-            None => None,
+        let result = match &mut self.feed {
+            Feed::Thread { rx, .. } => {
+                rx.as_ref()
+                    .and_then(|rx| rx.recv().ok())
+                    .unwrap_or_else(|| {
+                        Err(Error::File {
+                            path: "data loader".to_string(),
+                            msg: "the loader thread stopped unexpectedly".to_string(),
+                        })
+                    })
+            }
+            Feed::Inline {
+                dataset,
+                seed,
+                batch_size,
+                pos,
+                orders,
+            } => {
+                let never = AtomicBool::new(false);
+                let batch = fill_batch(dataset, *seed, *batch_size, *pos, orders, 1, &never)
+                    .map(|b| b.expect("no stop was requested"));
+                if let Ok(b) = &batch {
+                    *pos = b.next;
+                }
+                batch
+            }
         };
-        let result = received.unwrap_or_else(|| {
-            Err(Error::File {
-                path: "data loader".to_string(),
-                msg: "the loader thread stopped unexpectedly".to_string(),
-            })
-        });
         if let Err(e) = &result {
             self.failed = Some(match e {
                 Error::File { path, msg } => (path.clone(), msg.clone()),
@@ -901,11 +931,13 @@ impl Loader {
 
 impl Drop for Loader {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // Dropping the receiver makes a blocked `send` fail, so the thread exits.
-        self.rx = None;
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
+        if let Feed::Thread { rx, stop, handle } = &mut self.feed {
+            stop.store(true, Ordering::Relaxed);
+            // Dropping the receiver makes a blocked `send` fail, so the thread exits.
+            *rx = None;
+            if let Some(handle) = handle.take() {
+                let _ = handle.join();
+            }
         }
     }
 }

@@ -60,18 +60,18 @@ impl Encoders {
     }
 
     /// Run the VAE now: the latents of `images`, the sample drawn with `key`.
-    fn latents_now(&mut self, images: &[f32], key: [f32; 4]) -> Result<Vec<f32>> {
+    async fn latents_now(&mut self, images: &[f32], key: [f32; 4]) -> Result<Vec<f32>> {
         self.vae.write(self.image, images)?;
         self.vae.write(self.vae_key, &key)?;
         self.vae.step()?;
-        self.vae.read_blocking(self.latents)
+        self.vae.read(self.latents).await
     }
 
     /// Run the text encoder now on token ids.
-    fn text_now(&mut self, ids: &[f32]) -> Result<Vec<f32>> {
+    async fn text_now(&mut self, ids: &[f32]) -> Result<Vec<f32>> {
         self.clip.write(self.input_ids, ids)?;
         self.clip.step()?;
-        self.clip.read_blocking(self.hidden)
+        self.clip.read(self.hidden).await
     }
 
     /// Steps 1 and 5 of a micro-batch into `cmd`: both encoders' passes and
@@ -109,7 +109,7 @@ impl Encoders {
     }
 
     /// Both encoders on one micro-batch: (latents, text states).
-    pub(crate) fn encode(
+    pub(crate) async fn encode(
         &mut self,
         p: &PipelineDir,
         images: &[f32],
@@ -118,8 +118,8 @@ impl Encoders {
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let prompts: Vec<&str> = captions.iter().map(String::as_str).collect();
         Ok((
-            self.latents_now(images, key)?,
-            self.text_now(&p.token_ids(&prompts)?)?,
+            self.latents_now(images, key).await?,
+            self.text_now(&p.token_ids(&prompts)?).await?,
         ))
     }
 }
@@ -172,7 +172,7 @@ impl Caches {
 
     /// The latents of `images` (`[B, 3, H, W]`): cached, or encoded once
     /// with the latent sample keyed by the entry (not by the step).
-    pub(crate) fn latents(
+    pub(crate) async fn latents(
         &mut self,
         images: &[f32],
         batch: usize,
@@ -182,20 +182,24 @@ impl Caches {
             return Ok(None);
         };
         let shape = one.vae.graph.shape(one.latents)[1..].to_vec();
-        let out = cache.outputs(images, batch, &shape, |image, key| {
-            let counter = u64::from_le_bytes(key.as_bytes()[..8].try_into().unwrap());
-            one.latents_now(image, rng_key(seed, counter))
-        })?;
+        let out = cache
+            .outputs(images, batch, &shape, async |image, key| {
+                let counter = u64::from_le_bytes(key.as_bytes()[..8].try_into().unwrap());
+                one.latents_now(image, rng_key(seed, counter)).await
+            })
+            .await?;
         Ok(Some(out))
     }
 
     /// The text states of the token ids `ids` (`[B, S]`): cached or encoded.
-    pub(crate) fn text(&mut self, ids: &[f32], batch: usize) -> Result<Option<Vec<f32>>> {
+    pub(crate) async fn text(&mut self, ids: &[f32], batch: usize) -> Result<Option<Vec<f32>>> {
         let (Some(cache), one) = (&mut self.text, &mut self.one) else {
             return Ok(None);
         };
         let shape = one.clip.graph.shape(one.hidden)[1..].to_vec();
-        let out = cache.outputs(ids, batch, &shape, |row, _| one.text_now(row))?;
+        let out = cache
+            .outputs(ids, batch, &shape, async |row, _| one.text_now(row).await)
+            .await?;
         Ok(Some(out))
     }
 

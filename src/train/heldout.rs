@@ -10,20 +10,17 @@
 //! MSE to the prediction type's target without DREAM or Min-SNR weighting.
 
 use super::data::{builtin_caption, builtin_render, Dataset};
+use super::encoders::Encoders;
 use super::step::{StepOptions, StepShape, TrainStep};
 use crate::error::{Error, Result};
 use crate::graph::{RunSpec, Session, TensorId};
-use crate::models::UNet;
+use crate::models::{PipelineDir, UNet};
 use crate::ops::diffusion::{cpu, rng_key, stream};
 use crate::Gpu;
 use std::sync::Arc;
 
 /// Mixed into the seed of every held-out draw, apart from training's.
 const HELDOUT_SEED: u64 = 0x6865_6c64_6f75_7400;
-
-/// Runs the frozen encoders on one micro-batch: (images, captions, latent
-/// key) -> (latents, text states).
-pub type Encode<'a> = dyn FnMut(&[f32], &[String], [f32; 4]) -> Result<(Vec<f32>, Vec<f32>)> + 'a;
 
 /// One micro-batch of held-out examples, ready on the host.
 struct Chunk {
@@ -61,10 +58,9 @@ fn examples(dataset: &Dataset, n: usize, res: usize) -> Result<(Vec<f32>, Vec<St
 
 impl HeldOut {
     /// `n` held-out examples (rounded down to whole micro-batches of
-    /// `shape.batch`), encoded once with `encode` (images, captions of one
-    /// micro-batch, the latent key) -> (latents, text states).
+    /// `shape.batch`), encoded once by the run's frozen encoders.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) async fn new(
         gpu: &Gpu,
         unet: &UNet,
         shape: StepShape,
@@ -74,7 +70,7 @@ impl HeldOut {
         seed: u64,
         alphas_cumprod: &[f32],
         train: &Session,
-        encode: &mut Encode,
+        (encoders, pipeline): (&mut Encoders, &PipelineDir),
     ) -> Result<HeldOut> {
         let res = dataset.resolution();
         let (images, captions) = examples(dataset, n, res)?;
@@ -112,11 +108,14 @@ impl HeldOut {
         for c in 0..count {
             let rows = c * b..(c + 1) * b;
             let key = rng_key(seed ^ HELDOUT_SEED, c as u64);
-            let (latents, context) = encode(
-                &images[rows.start * per_image..rows.end * per_image],
-                &captions[rows.clone()],
-                key,
-            )?;
+            let (latents, context) = encoders
+                .encode(
+                    pipeline,
+                    &images[rows.start * per_image..rows.end * per_image],
+                    &captions[rows.clone()],
+                    key,
+                )
+                .await?;
             let timesteps = rows
                 .map(|j| ((j as f64 + 0.5) * t / total as f64).floor() as f32)
                 .collect();
@@ -153,7 +152,7 @@ impl HeldOut {
     }
 
     /// The mean loss of `train`'s current weights over the held-out set.
-    pub fn loss(&mut self, train: &Session) -> Result<f32> {
+    pub async fn loss(&mut self, train: &Session) -> Result<f32> {
         let mut cmd = train.gpu.encoder("held-out weights");
         for &(p, q) in &self.params {
             train.record_copy(&mut cmd, q, &self.session, p)?;
@@ -167,7 +166,7 @@ impl HeldOut {
             s.write(st.timesteps, &c.timesteps)?;
             s.write(st.noise, &c.noise)?;
             s.step()?;
-            sum += s.read_blocking(st.loss)?[0];
+            sum += s.read(st.loss).await?[0];
         }
         Ok(sum / self.chunks.len() as f32)
     }

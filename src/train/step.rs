@@ -168,11 +168,11 @@ impl TrainStep {
     /// Write d(objective)/d(loss) for a session of this step: 1 / `accum`
     /// (gradient accumulation averages), times the loss scale in fp16 (the
     /// session's [`GRAD_SCALER`] state; the GPU keeps it current after that).
-    pub fn write_loss_grad(s: &Session, loss_grad: TensorId, accum: usize) -> Result<()> {
+    pub async fn write_loss_grad(s: &Session, loss_grad: TensorId, accum: usize) -> Result<()> {
         let scale = if s.state_labels(GRAD_SCALER).is_empty() {
             1.0
         } else {
-            s.read_state_blocking(GRAD_SCALER)?[0]
+            s.read_state(GRAD_SCALER).await?[0]
         };
         s.write(loss_grad, &[scale / accum as f32])
     }

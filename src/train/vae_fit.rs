@@ -152,7 +152,7 @@ pub fn fit_vae(
         "diffusion_pytorch_model.safetensors"
     };
     let path = out.join(name);
-    let weights: TensorFile = read_params(&s, &path)?;
+    let weights: TensorFile = crate::platform::block_on(read_params(&s, &path))?;
     weights.write(&path, fp16.then_some(StoredDType::F16))?;
     Ok((last, vae.config.scaling_factor))
 }
