@@ -9,7 +9,9 @@
 //
 // URL parameters (for tests and links): `set=section.key=value` (repeatable)
 // adds config overrides in the CLI's --set syntax; `autostart=1` starts
-// training at once; `sample_every=N` sets the sample refresh.
+// training at once; `sample_every=N` sets the sample refresh;
+// `lose_device_after=N` destroys the GPU device after step N (the test of
+// the device-loss message).
 
 import init, { Trainer } from "./pkg/difftrain_web.js";
 
@@ -34,7 +36,7 @@ function fail(message) {
   box.textContent = message;
   box.hidden = false;
   for (const id of ["start", "sample-now", "download"]) $(id).disabled = true;
-  $("restart").disabled = trainer === null && !navigator.gpu;
+  $("start").textContent = "Start";
 }
 
 function errorText(e) {
@@ -154,6 +156,7 @@ async function loop(gen) {
       $("ips").textContent = entry.images_per_s.toFixed(1);
       last = now;
       drawLoss();
+      if (Number(params.get("lose_device_after")) === entry.step) trainer.lose_device();
       const every = Math.max(1, Number($("sample-every").value) || 50);
       if (sampleRequested || entry.step % every === 0 || entry.step === 1) {
         sampleRequested = false;
@@ -169,7 +172,7 @@ async function loop(gen) {
       state.done = true;
     }
   } catch (e) {
-    fail(`Training stopped: ${errorText(e)}`);
+    fail(`Training stopped: ${errorText(e)}\nRestart starts a new run (reload the page if the GPU is gone).`);
   } finally {
     loopActive = false;
   }
@@ -244,14 +247,17 @@ function save(blob, name) {
 
 async function main() {
   drawLoss();
-  if (!navigator.gpu) {
+  const adapter = navigator.gpu ? await navigator.gpu.requestAdapter().catch(() => null) : null;
+  if (!adapter) {
     fail(
-      "This browser does not offer WebGPU, which difftrain trains on.\n" +
+      `${navigator.gpu ? "This browser offers WebGPU but no adapter (GPU) for it" : "This browser does not offer WebGPU"}, ` +
+      "which difftrain trains on.\n" +
       "Use a current Chrome or Edge (WebGPU is on by default on Windows, macOS and ChromeOS), " +
       "Safari 26+, or Firefox 141+ on Windows. On Linux, Chrome needs " +
       "chrome://flags/#enable-unsafe-webgpu enabled (and Vulkan drivers). Then reload this page."
     );
     $("adapter").textContent = "No WebGPU adapter.";
+    $("restart").disabled = true;
     return;
   }
   $("start").addEventListener("click", toggle);

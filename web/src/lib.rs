@@ -132,9 +132,15 @@ impl Trainer {
 
     /// One optimizer step; its log line (`train_log.jsonl`'s fields) as JSON.
     pub async fn step(&mut self) -> Result<String, JsError> {
-        let entry = self.run.step().await.map_err(js_err)?;
+        let entry = self.run.step().await.map_err(|e| self.fault_or(e))?;
         self.check()?;
         serde_json::to_string(&entry).map_err(js_err)
+    }
+
+    /// Destroy the GPU device, as a driver reset or an unplugged GPU would
+    /// lose it: the page's device-loss path, for its test.
+    pub fn lose_device(&self) {
+        self.run.gpu.device.destroy();
     }
 
     /// `prompts` sampled with the current weights (the EMA's when it is on)
@@ -182,12 +188,21 @@ impl Trainer {
         let ema = self.run.config.train.use_ema;
         write_unet(dir, &self.run.session, &self.run.unet, ema)
             .await
-            .map_err(js_err)?;
+            .map_err(|e| self.fault_or(e))?;
         let read = |name: &str| platform::read(&dir.join(name)).map_err(js_err);
         let config = String::from_utf8(read("config.json")?).map_err(js_err)?;
         let weights = read("diffusion_pytorch_model.safetensors")?;
         platform::remove_dir_all(dir).map_err(js_err)?;
         Ok(UnetFiles { config, weights })
+    }
+
+    /// The device's fault (lost, out of memory) when there is one: the
+    /// cause of `e`, which is only its symptom (a failed readback).
+    fn fault_or(&self, e: difftrain::Error) -> JsError {
+        match self.fault.lock().unwrap().as_ref() {
+            Some(msg) => js_err(msg),
+            None => js_err(e),
+        }
     }
 
     /// An error once the device was lost or reported an error.
