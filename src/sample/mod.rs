@@ -181,10 +181,13 @@ pub async fn sample(
     })
 }
 
-/// The images as one PNG grid: a row per prompt, `per_row` images each.
-pub fn write_grid(images: &HostTensor, per_row: usize, path: &std::path::Path) -> Result<()> {
+/// The images as one grid, `per_row` images a row (a row per prompt).
+pub fn grid(images: &HostTensor, per_row: usize) -> Result<image::RgbImage> {
     let [n, _, h, w] = images.shape[..] else {
-        return Err(crate::error::file_err(path, "images must be [N, 3, H, W]"));
+        return Err(Error::Tensor {
+            name: "images".into(),
+            msg: format!("{:?}: expected [N, 3, H, W]", images.shape),
+        });
     };
     let cols = per_row.max(1);
     let rows = n.div_ceil(cols);
@@ -204,6 +207,12 @@ pub fn write_grid(images: &HostTensor, per_row: usize, path: &std::path::Path) -
             }
         }
     }
-    grid.save(path)
+    Ok(grid)
+}
+
+/// [`grid`] written as a PNG.
+pub fn write_grid(images: &HostTensor, per_row: usize, path: &std::path::Path) -> Result<()> {
+    grid(images, per_row)?
+        .save(path)
         .map_err(|e| crate::error::file_err(path, format!("cannot write the PNG: {e}")))
 }

@@ -146,10 +146,7 @@ impl Run {
                 ),
             });
         }
-        let updates_per_epoch = per_epoch.div_ceil(accum) as u64;
-        let total = t
-            .max_train_steps
-            .unwrap_or(t.num_train_epochs * updates_per_epoch);
+        let total = total_steps(config, dataset.len());
         let res = config.data.resolution;
         let f = pipeline.vae.downscale();
         let levels = 1 << (unet.layout.channels.len() - 1);
@@ -275,7 +272,7 @@ impl Run {
         if self.ema.is_some() && self.state.global_step == 0 {
             reset_ema(s).await?;
         }
-        self.state.max_train_steps = self.total_steps();
+        self.state.max_train_steps = total_steps(&self.config, self.dataset.len());
         let loader = Loader::new(
             self.dataset.clone(),
             data_seed(&self.config),
@@ -286,15 +283,6 @@ impl Run {
         self.loader = Some(loader);
         self.started = Some((Instant::now(), self.state.elapsed_s));
         Ok(())
-    }
-
-    /// Optimizer steps the run makes in all (`max_train_steps`, or its
-    /// epochs' worth).
-    pub fn total_steps(&self) -> u64 {
-        let t = &self.config.train;
-        let per_epoch = batches_per_epoch(self.dataset.len(), t.train_batch_size);
-        let updates = per_epoch.div_ceil(t.gradient_accumulation_steps) as u64;
-        t.max_train_steps.unwrap_or(t.num_train_epochs * updates)
     }
 
     /// "the built-in model on ..., batch 8 x 1 accumulation, epsilon prediction".
@@ -451,6 +439,15 @@ impl Run {
         };
         sample(&self.gpu, &self.pipeline, &sampler, &req, Some(&weights)).await
     }
+}
+
+/// Optimizer steps the run makes in all: `max_train_steps`, or its epochs'
+/// worth of `examples` (whole batches, then accumulated).
+fn total_steps(config: &Config, examples: usize) -> u64 {
+    let t = &config.train;
+    let per_epoch = batches_per_epoch(examples, t.train_batch_size);
+    let updates = per_epoch.div_ceil(t.gradient_accumulation_steps) as u64;
+    t.max_train_steps.unwrap_or(t.num_train_epochs * updates)
 }
 
 /// The data order's seed: the run's for a folder dataset; the built-in one

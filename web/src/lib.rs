@@ -4,9 +4,9 @@
 //! chooses options, awaits steps, draws what comes back and offers the
 //! trained UNet for download.
 
-use difftrain::platform;
 use difftrain::train::config::Config;
 use difftrain::train::run::{write_unet, Run};
+use difftrain::{platform, sample};
 use difftrain::{AdapterChoice, Gpu};
 use serde::Serialize;
 use std::path::Path;
@@ -77,8 +77,12 @@ impl Trainer {
                 uncaptured.lock().unwrap().get_or_insert(msg);
             }));
         let config = Config::for_training(None, &overrides).map_err(js_err)?;
-        let mut run = Run::open(&gpu, &config).await.map_err(js_err)?;
-        run.start().await.map_err(js_err)?;
+        let setup = async {
+            let mut run = Run::open(&gpu, &config).await?;
+            run.start().await?;
+            Ok(run)
+        };
+        let run = setup.await.map_err(|e| fault_or(&fault, e))?;
         let t = Trainer { run, fault };
         t.check()?;
         Ok(t)
@@ -151,31 +155,17 @@ impl Trainer {
             .run
             .validation_samples(&prompts)
             .await
-            .map_err(js_err)?;
+            .map_err(|e| self.fault_or(e))?;
         self.check()?;
-        let [n, _, h, w] = out.images.shape[..] else {
-            return Err(js_err("the sampler returned no [N, 3, H, W] images"));
-        };
-        let cols = self.run.config.sample.num_validation_images.max(1);
-        let rows = n.div_ceil(cols);
-        let (gw, gh) = (cols * w, rows * h);
-        let mut rgba = vec![255u8; gw * gh * 4];
-        let v = &out.images.values;
-        for i in 0..n {
-            let (r, c) = (i / cols, i % cols);
-            for y in 0..h {
-                for x in 0..w {
-                    let px = ((r * h + y) * gw + c * w + x) * 4;
-                    for ch in 0..3 {
-                        let value = v[((i * 3 + ch) * h + y) * w + x];
-                        rgba[px + ch] = (value * 255.0).round() as u8;
-                    }
-                }
-            }
-        }
+        let cols = self.run.config.sample.num_validation_images;
+        let grid = sample::grid(&out.images, cols).map_err(js_err)?;
+        let rgba = grid
+            .pixels()
+            .flat_map(|p| [p[0], p[1], p[2], 255])
+            .collect();
         Ok(SampleGrid {
-            width: gw as u32,
-            height: gh as u32,
+            width: grid.width(),
+            height: grid.height(),
             rgba,
         })
     }
@@ -196,13 +186,8 @@ impl Trainer {
         Ok(UnetFiles { config, weights })
     }
 
-    /// The device's fault (lost, out of memory) when there is one: the
-    /// cause of `e`, which is only its symptom (a failed readback).
     fn fault_or(&self, e: difftrain::Error) -> JsError {
-        match self.fault.lock().unwrap().as_ref() {
-            Some(msg) => js_err(msg),
-            None => js_err(e),
-        }
+        fault_or(&self.fault, e)
     }
 
     /// An error once the device was lost or reported an error.
@@ -211,5 +196,14 @@ impl Trainer {
             Some(msg) => Err(js_err(msg)),
             None => Ok(()),
         }
+    }
+}
+
+/// The device's fault (lost, out of memory) when there is one: the cause of
+/// `e`, which is then only its symptom (a failed readback).
+fn fault_or(fault: &Mutex<Option<String>>, e: difftrain::Error) -> JsError {
+    match fault.lock().unwrap().as_ref() {
+        Some(msg) => js_err(msg),
+        None => js_err(e),
     }
 }
