@@ -54,6 +54,14 @@ fn act_grad(op: u32, x: f32) -> f32 {
     }
 }
 
+fn act4(op: u32, x: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(act(op, x.x), act(op, x.y), act(op, x.z), act(op, x.w));
+}
+
+fn act_grad4(op: u32, x: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(act_grad(op, x.x), act_grad(op, x.y), act_grad(op, x.z), act_grad(op, x.w));
+}
+
 // Coordinates of flat index i in a 4-D shape (d0 is implied).
 fn coords4(i: u32, d1: u32, d2: u32, d3: u32) -> vec4<u32> {
     let c3 = i % d3;
@@ -132,39 +140,60 @@ fn clamp_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 }
 
 //@ entry geglu_forward
-//@ tensors x:read y:write
+//@ tensors x:read4 y:write4
+//@ const VEC = 1u
 // x: (rows, 2 * d) = [hidden | gate]; y: (rows, d) = hidden * gelu(gate)
-// (diffusers GEGLU: proj(x).chunk(2, dim=-1)).
+// (diffusers GEGLU: proj(x).chunk(2, dim=-1)). One invocation per VEC
+// columns of a row (VEC = 4 when d is a multiple of 4).
 struct Params { n: u32, d: u32 }
 @compute @workgroup_size(WG)
 fn geglu_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat_id(gid, nwg, WG);
+    let i = flat_id(gid, nwg, WG) * VEC;
     if (i >= p.n) { return; }
-    let row = i / p.d;
-    let c = i % p.d;
-    let h = x_load(row * 2u * p.d + c);
-    let g = x_load(row * 2u * p.d + p.d + c);
-    y_store(i, h * act(GELU, g));
+    let at = (i / p.d) * 2u * p.d + i % p.d;
+    if (VEC == 4u) {
+        y_store4(i, x_load4(at) * act4(GELU, x_load4(at + p.d)));
+    } else {
+        y_store(i, x_load(at) * act(GELU, x_load(at + p.d)));
+    }
 }
 
 //@ entry geglu_backward
-//@ tensors x:read dy:read dx:rw
-// d hidden = dy * gelu(gate); d gate = dy * hidden * gelu'(gate).
-// One invocation per element of dx.
+//@ tensors x:read4 dy:read4 dx:rw4
+//@ const VEC = 1u
+// d hidden = dy * gelu(gate); d gate = dy * hidden * gelu'(gate): one
+// invocation per VEC columns of a row writes both.
 struct Params { n: u32, d: u32, beta: f32 }
 @compute @workgroup_size(WG)
 fn geglu_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat_id(gid, nwg, WG);
-    if (i >= 2u * p.n) { return; }
-    let row = i / (2u * p.d);
-    let c = i % (2u * p.d);
-    let cc = c % p.d;
-    let h = x_load(row * 2u * p.d + cc);
-    let g = x_load(row * 2u * p.d + p.d + cc);
-    let d = dy_load(row * p.d + cc);
-    var v = select(d * h * act_grad(GELU, g), d * act(GELU, g), c < p.d);
-    if (p.beta != 0.0) { v += dx_load(i); }
-    dx_store(i, v);
+    let i = flat_id(gid, nwg, WG) * VEC;
+    if (i >= p.n) { return; }
+    let at = (i / p.d) * 2u * p.d + i % p.d;
+    if (VEC == 4u) {
+        let h = x_load4(at);
+        let g = x_load4(at + p.d);
+        let d = dy_load4(i);
+        var dh = d * act4(GELU, g);
+        var dg = d * h * act_grad4(GELU, g);
+        if (p.beta != 0.0) {
+            dh += dx_load4(at);
+            dg += dx_load4(at + p.d);
+        }
+        dx_store4(at, dh);
+        dx_store4(at + p.d, dg);
+    } else {
+        let h = x_load(at);
+        let g = x_load(at + p.d);
+        let d = dy_load(i);
+        var dh = d * act(GELU, g);
+        var dg = d * h * act_grad(GELU, g);
+        if (p.beta != 0.0) {
+            dh += dx_load(at);
+            dg += dx_load(at + p.d);
+        }
+        dx_store(at, dh);
+        dx_store(at + p.d, dg);
+    }
 }
 
 //@ entry broadcast_forward

@@ -72,19 +72,31 @@ fn row_offsets(z: u32, row: u32) -> vec4<u32> {
 }
 
 fn store_block(acc: mat4x4<f32>, row0: u32, col0: u32, c_base: u32) {
+    // N a multiple of 4: whole rows of the block are inside or outside, and
+    // each is one vector access per tensor.
+    let whole = (p.n & 3u) == 0u;
     for (var i = 0u; i < 4u; i++) {
         let row = row0 + i;
         if (row >= p.m) { return; }
-        let v = acc[i];
+        let at = c_base + row * p.n + col0;
+        if (whole) {
+            if (col0 < p.n) {
+                var r = acc[i];
+                if (HAS_BIAS) { r += bias_load4(col0); }
+                if (HAS_RES) { r += res_load4(at); }
+                if (p.beta != 0.0) { r += c_load4(at); }
+                c_store4(at, r);
+            }
+            continue;
+        }
         for (var q = 0u; q < 4u; q++) {
             let col = col0 + q;
             if (col < p.n) {
-                var r = v[q];
+                var r = acc[i][q];
                 if (HAS_BIAS) { r += bias_load(col); }
-                let idx = c_base + row * p.n + col;
-                if (HAS_RES) { r += res_load(idx); }
-                if (p.beta != 0.0) { r += c_load(idx); }
-                c_store(idx, r);
+                if (HAS_RES) { r += res_load(at + q); }
+                if (p.beta != 0.0) { r += c_load(at + q); }
+                c_store(at + q, r);
             }
         }
     }
@@ -241,7 +253,7 @@ fn store_tile(t: Tile, row0: u32, col0: u32, z: u32) {
 }
 
 //@ entry gemm
-//@ tensors a:read bp:read4 bias:read res:read c:rw rowsum:rw
+//@ tensors a:read bp:read4 bias:read4 res:read4 c:rw4 rowsum:rw
 //@ const RB = 4u
 //@ const CB = 2u
 //@ const WGX = 8u
@@ -273,7 +285,7 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
 }
 
 //@ entry gemm_subgroup
-//@ tensors a:read bp:read4 bias:read res:read c:rw rowsum:rw
+//@ tensors a:read bp:read4 bias:read4 res:read4 c:rw4 rowsum:rw
 //@ const RB = 4u
 //@ const CB = 2u
 //@ const WGX = 8u

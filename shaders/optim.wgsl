@@ -2,10 +2,11 @@
 // order torch.optim.AdamW and torch.nn.utils.clip_grad_norm_ compute them.
 
 const WG: u32 = 256u;
-// Sum of squares: RWG lanes, each over 4 consecutive elements, make a block
-// of BLOCK elements (SUMSQ_BLOCK in optim.rs).
+// Sum of squares: RWG lanes, each over SPAN vectors of 4 elements, make a
+// block of BLOCK elements (SUMSQ_BLOCK in optim.rs).
 const RWG: u32 = 64u;
-const BLOCK: u32 = 256u;
+const SPAN: u32 = 4u;
+const BLOCK: u32 = RWG * SPAN * 4u;
 var<workgroup> partial: array<f32, RWG>;
 
 // The sum of partial[0..RWG] by a fixed pairwise tree (deterministic).
@@ -28,10 +29,16 @@ struct Params { n: u32, base: u32 }
 fn sumsq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let block = wid.x + wid.y * nwg.x;
     if (block * BLOCK >= p.n) { return; }
-    let i = block * BLOCK + lid * 4u;
-    let inside = vec4<u32>(i) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.n);
-    let v = select(vec4<f32>(0.0), g_load4(min(i, (p.n - 1u) & ~3u)), inside);
-    partial[lid] = ((v.x * v.x + v.y * v.y) + v.z * v.z) + v.w * v.w;
+    // Lane l sums vectors l, l + RWG, ... of the block in order (adjacent
+    // lanes read adjacent vectors).
+    var s = 0.0;
+    for (var j = 0u; j < SPAN; j++) {
+        let i = block * BLOCK + (j * RWG + lid) * 4u;
+        let inside = vec4<u32>(i) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.n);
+        let v = select(vec4<f32>(0.0), g_load4(min(i, (p.n - 1u) & ~3u)), inside);
+        s += ((v.x * v.x + v.y * v.y) + v.z * v.z) + v.w * v.w;
+    }
+    partial[lid] = s;
     tree_sum(lid);
     if (lid == 0u) { partials_store(p.base + block, partial[0]); }
 }
@@ -120,41 +127,43 @@ fn one_minus_exp(x: f32) -> f32 {
 }
 
 //@ entry adamw
-//@ tensors param:rw grad:rw m:rw v:rw hyper:read clip:read step:read
+//@ tensors param:rw4 grad:rw4 m:rw4 v:rw4 hyper:read clip:read step:read
 //@ const ZERO_GRAD = false
-// One AdamW update of the first n elements of the bound windows of param,
-// grad, m and v: the gradient times clip[0] (unscaling and clipping), the
+// One AdamW update of the first n elements (a multiple of 4: arenas are
+// whole blocks) of the bound windows of param, grad, m and v, four per
+// invocation: the gradient times clip[0] (unscaling and clipping), the
 // bias corrections from step (see step_prologue), nothing when step[3]
 // says the step is skipped. hyper = [lr], written by the host each step.
 // ZERO_GRAD (gradient accumulation) clears grad once read, skipped or not.
 struct Params { n: u32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32 }
 @compute @workgroup_size(WG)
 fn adamw(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat_id(gid, nwg, WG);
+    let i = flat_id(gid, nwg, WG) * 4u;
     if (i >= p.n) { return; }
     let lr = hyper_load(0u);
-    var g = grad_load(i);
-    if (ZERO_GRAD) { grad_store(i, 0.0); }
+    var g = grad_load4(i);
+    if (ZERO_GRAD) { grad_store4(i, vec4<f32>(0.0)); }
     if (step_load(3u) != 0.0) { return; }
     g *= clip_load(0u);
-    let w = param_load(i) * (1.0 - lr * p.weight_decay);
-    let m = p.beta1 * m_load(i) + (1.0 - p.beta1) * g;
-    let v = p.beta2 * v_load(i) + (1.0 - p.beta2) * g * g;
-    m_store(i, m);
-    v_store(i, v);
+    let w = param_load4(i) * (1.0 - lr * p.weight_decay);
+    let m = p.beta1 * m_load4(i) + (1.0 - p.beta1) * g;
+    let v = p.beta2 * v_load4(i) + (1.0 - p.beta2) * g * g;
+    m_store4(i, m);
+    v_store4(i, v);
     let denom = sqrt(v) / sqrt(step_load(2u)) + p.eps;
-    param_store(i, w - (lr / step_load(1u)) * m / denom);
+    param_store4(i, w - (lr / step_load(1u)) * m / denom);
 }
 
 //@ entry ema_update
-//@ tensors param:read shadow:rw one_minus_decay:read
-// diffusers' EMAModel.step for the first n elements of the bound windows:
-// shadow -= (1 - decay) * (shadow - param), 1 - decay from the host.
+//@ tensors param:read4 shadow:rw4 one_minus_decay:read
+// diffusers' EMAModel.step for the first n elements (a multiple of 4) of
+// the bound windows, four per invocation: shadow -= (1 - decay) *
+// (shadow - param), 1 - decay from the host.
 struct Params { n: u32 }
 @compute @workgroup_size(WG)
 fn ema_update(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat_id(gid, nwg, WG);
+    let i = flat_id(gid, nwg, WG) * 4u;
     if (i >= p.n) { return; }
-    let s = shadow_load(i);
-    shadow_store(i, s - one_minus_decay_load(0u) * (s - param_load(i)));
+    let s = shadow_load4(i);
+    shadow_store4(i, s - one_minus_decay_load(0u) * (s - param_load4(i)));
 }

@@ -136,6 +136,31 @@ pub fn op_cases() -> Vec<BenchCase> {
             work: Work::Flops(2 * (m * n * k) as u64),
         });
     }
+    // A UNet-sized linear layer with bias (the small UNet's GEGLU projection:
+    // 1024 tokens, 64 -> 512): K is small, so the epilogue and the operand
+    // loads weigh as much as the product. Forward and forward + backward.
+    let (tokens, fan_in, fan_out) = (1024usize, 64usize, 512usize);
+    let linear_flops = 2 * (tokens * fan_in * fan_out) as u64;
+    for backward in [false, true] {
+        cases.push(BenchCase {
+            name: "linear".into(),
+            shape: format!("{tokens}x{fan_in} -> {fan_out}"),
+            dtype: DType::F32,
+            backward,
+            build: Box::new(move |g, dt| {
+                let x = g.input_with_grad("x", &[tokens, fan_in], dt);
+                let w = g.param("weight", &[fan_out, fan_in]);
+                let b = g.param("bias", &[fan_out]);
+                g.linear(x, w, Some(b))
+            }),
+            // The data and weight gradients each cost one forward.
+            work: Work::Flops(if backward {
+                3 * linear_flops
+            } else {
+                linear_flops
+            }),
+        });
+    }
     // conv2d 3x3 64->64 on [4,64,32,32], no bias: forward in every storage
     // dtype, and forward + backward (data and weight gradients) in f32.
     let (n, c, h, w) = (4usize, 64usize, 32usize, 32usize);

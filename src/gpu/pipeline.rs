@@ -110,7 +110,7 @@ impl PipelineCache {
                 visibility: wgpu::ShaderStages::COMPUTE,
                 ty: wgpu::BindingType::Buffer {
                     ty: wgpu::BufferBindingType::Storage {
-                        read_only: matches!(access, Access::Read | Access::ReadVec4),
+                        read_only: !access.writes(),
                     },
                     has_dynamic_offset: false,
                     min_binding_size: None,

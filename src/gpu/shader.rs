@@ -54,7 +54,28 @@ pub enum Access {
     /// multiples of 4, one vector load instead of four scalar ones.
     ReadVec4,
     Write,
+    /// Written (and read) through 16-byte vectors (`NAME:write4`,
+    /// `NAME:rw4`): `NAME_store4(i, v)` only at multiples of 4 is one vector
+    /// store. On CPU adapters (llvmpipe) every storage access instruction
+    /// costs a loop over the SIMD lanes, so a vector access is about four
+    /// times cheaper per element. Packed 16-bit storage keeps its word-wise
+    /// (atomic) helpers.
+    WriteVec4,
     ReadWrite,
+    ReadWriteVec4,
+}
+
+impl Access {
+    pub fn writes(self) -> bool {
+        !matches!(self, Access::Read | Access::ReadVec4)
+    }
+
+    fn vec4(self) -> bool {
+        matches!(
+            self,
+            Access::ReadVec4 | Access::WriteVec4 | Access::ReadWriteVec4
+        )
+    }
 }
 
 /// How a tensor's elements are laid out in the WGSL buffer.
@@ -178,7 +199,9 @@ impl ShaderFile {
                                 "read" => Access::Read,
                                 "read4" => Access::ReadVec4,
                                 "write" => Access::Write,
+                                "write4" => Access::WriteVec4,
                                 "rw" => Access::ReadWrite,
+                                "rw4" => Access::ReadWriteVec4,
                                 _ => {
                                     return Err(shader_err(
                                         name,
@@ -347,10 +370,11 @@ fn sincos(x: f32) -> vec2<f32> {
 
 /// Emit the binding of one tensor and its load/store helpers.
 fn tensor_binding(out: &mut String, binding: u32, name: &str, access: Access, storage: Storage) {
-    if access == Access::ReadVec4 {
-        return vec4_binding(out, binding, name, storage);
+    let write = access.writes();
+    let packed = matches!(storage, Storage::F16Packed | Storage::BF16Packed);
+    if access.vec4() && !(write && packed) {
+        return vec4_binding(out, binding, name, storage, write);
     }
-    let write = access != Access::Read;
     let space = if write { "read_write" } else { "read" };
     let elem = match storage {
         Storage::F32 => "f32",
@@ -436,8 +460,9 @@ fn tensor_binding(out: &mut String, binding: u32, name: &str, access: Access, st
     }
 }
 
-/// A read-only tensor viewed as 16-byte vectors (see [`Access::ReadVec4`]).
-fn vec4_binding(out: &mut String, binding: u32, name: &str, storage: Storage) {
+/// A tensor viewed as 16-byte vectors (see [`Access::ReadVec4`] and
+/// [`Access::WriteVec4`]; written packed 16-bit storage is not viewed so).
+fn vec4_binding(out: &mut String, binding: u32, name: &str, storage: Storage, write: bool) {
     let (elem, load4, load) = match storage {
         Storage::F32 => ("vec4<f32>", "B[i >> 2u]", "B[i >> 2u][i & 3u]"),
         Storage::F16Native => (
@@ -458,12 +483,25 @@ fn vec4_binding(out: &mut String, binding: u32, name: &str, storage: Storage) {
         ),
     };
     let buf = format!("{name}_buf");
+    let space = if write { "read_write" } else { "read" };
     let _ = writeln!(
         out,
-        "@group(0) @binding({binding}) var<storage, read> {buf}: array<{elem}>;\n\
+        "@group(0) @binding({binding}) var<storage, {space}> {buf}: array<{elem}>;\n\
          fn {name}_load4(i: u32) -> vec4<f32> {{ return {}; }}\n\
          fn {name}_load(i: u32) -> f32 {{ return {}; }}",
         load4.replace('B', &buf),
         load.replace('B', &buf)
     );
+    if write {
+        let elem4 = if storage == Storage::F16Native {
+            "f16"
+        } else {
+            "f32"
+        };
+        let _ = writeln!(
+            out,
+            "fn {name}_store4(i: u32, v: vec4<f32>) {{ {buf}[i >> 2u] = vec4<{elem4}>(v); }}\n\
+             fn {name}_store(i: u32, v: f32) {{ {buf}[i >> 2u][i & 3u] = {elem4}(v); }}"
+        );
+    }
 }

@@ -6,7 +6,7 @@ use super::emit::{Slot, Window};
 use super::plan::{normalize, Plan, RunSpec, StepStats, StorageDesc};
 use super::{Graph, TensorId};
 use crate::error::{Error, Result};
-use crate::gpu::shader::{Access, Storage};
+use crate::gpu::shader::Storage;
 use crate::gpu::{read_buffer, Gpu, KernelKey};
 use crate::ops::optim::GRAD_SCALER;
 use std::sync::Arc;
@@ -130,16 +130,12 @@ impl Session {
                             size: wgpu::BufferSize::new(size),
                         })
                     }
-                    None => match entry.tensors[i].1 {
-                        Access::Read | Access::ReadVec4 => dummy_read.as_entire_binding(),
-                        Access::Write | Access::ReadWrite => {
-                            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                buffer: &dummy_write,
-                                offset: slot * i as u64,
-                                size: wgpu::BufferSize::new(16),
-                            })
-                        }
-                    },
+                    None if !entry.tensors[i].1.writes() => dummy_read.as_entire_binding(),
+                    None => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &dummy_write,
+                        offset: slot * i as u64,
+                        size: wgpu::BufferSize::new(16),
+                    }),
                 };
                 entries.push(wgpu::BindGroupEntry {
                     binding: i as u32 + 1,

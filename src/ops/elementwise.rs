@@ -503,6 +503,16 @@ impl OpKernels for Clamp {
     }
 }
 
+/// Columns per GEGLU invocation: 4 (vector accesses) where the half
+/// width allows.
+fn geglu_vec(d: usize) -> usize {
+    if d.is_multiple_of(4) {
+        4
+    } else {
+        1
+    }
+}
+
 impl OpKernels for Geglu {
     fn kind(&self) -> &'static str {
         "geglu"
@@ -511,13 +521,15 @@ impl OpKernels for Geglu {
     fn forward(&self, e: &mut Emit, i: &[TensorId], o: &[TensorId]) -> Result<()> {
         let n = e.numel(o[0]);
         let d = *e.shape(o[0]).last().unwrap_or(&1);
+        let vec = geglu_vec(d);
         e.push(
             Kernel::new("elementwise", "geglu_forward")
+                .konst("VEC", format!("{vec}u"))
                 .bind("x", Slot::Value(i[0]))
                 .bind("y", Slot::Value(o[0]))
                 .u32(n)
                 .u32(d)
-                .groups_1d(n, WG),
+                .groups_1d(n / vec, WG),
         );
         Ok(())
     }
@@ -528,15 +540,17 @@ impl OpKernels for Geglu {
         };
         let n = e.numel(o[0]);
         let d = *e.shape(o[0]).last().unwrap_or(&1);
+        let vec = geglu_vec(d);
         e.push(
             Kernel::new("elementwise", "geglu_backward")
+                .konst("VEC", format!("{vec}u"))
                 .bind("x", Slot::Value(i[0]))
                 .bind("dy", dy)
                 .bind("dx", dx.slot)
                 .u32(n)
                 .u32(d)
                 .f32(dx.beta())
-                .groups_1d(2 * n, WG),
+                .groups_1d(n / vec, WG),
         );
         Ok(())
     }
@@ -796,16 +810,20 @@ mod tests {
             &|g, x| Ok(g.scale(x[0], -0.37)),
             &|x| x[0].iter().map(|v| v * -0.37).collect(),
         );
-        check_op_all_dtypes(
-            "geglu",
-            &[CaseInput::act(&[3, 5, 14])],
-            &|g, x| g.geglu(x[0]),
-            &|x| {
-                x[0].chunks(14)
-                    .flat_map(|r| (0..7).map(move |c| r[c] * Activation::Gelu.cpu(r[7 + c])))
-                    .collect()
-            },
-        );
+        // Half widths 7 (one column per invocation) and 8 (four, vector
+        // accesses).
+        for d in [7usize, 8] {
+            check_op_all_dtypes(
+                "geglu",
+                &[CaseInput::act(&[3, 5, 2 * d])],
+                &|g, x| g.geglu(x[0]),
+                &|x| {
+                    x[0].chunks(2 * d)
+                        .flat_map(|r| (0..d).map(move |c| r[c] * Activation::Gelu.cpu(r[d + c])))
+                        .collect()
+                },
+            );
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::graph::{AdamW, Emit, Kernel, Slot, TensorId};
 /// Arenas above the binding limit are windowed in whole blocks, so the
 /// partials, and the norm summed from them in a fixed order, do not depend
 /// on the windowing.
-const SUMSQ_BLOCK: usize = 256;
+const SUMSQ_BLOCK: usize = 1024;
 /// Workgroup size of the sum-of-squares kernels (`RWG` in the shader).
 const RWG: u32 = 64;
 const WG: u32 = 256;
@@ -185,7 +185,7 @@ pub fn emit_adamw(
                     .f32(opt.beta2)
                     .f32(opt.eps)
                     .f32(opt.weight_decay)
-                    .groups_1d(w.numel, WG),
+                    .groups_1d(w.numel / 4, WG),
             );
         }
     }
@@ -215,7 +215,7 @@ pub fn emit_ema(e: &mut Emit, arenas: &[ParamArena]) {
                     .bind_window("shadow", shadow, w)
                     .bind("one_minus_decay", one_minus)
                     .u32(w.numel)
-                    .groups_1d(w.numel, WG),
+                    .groups_1d(w.numel / 4, WG),
             );
         }
     }
