@@ -65,7 +65,7 @@ fn affine_grad(dy: vec4<f32>, xh: vec4<f32>, gam: vec4<f32>, bet: vec4<f32>, sil
 fn channel(c0: u32, k: u32, j: u32, flat: bool) -> u32 { return c0 + k + select(0u, j, flat); }
 
 //@ entry norm_forward
-//@ tensors x:read gamma:read beta:read y:write mean:write rstd:write
+//@ tensors x:read4 gamma:read4 beta:read4 y:write4 mean:write rstd:write
 //@ const WG = 64u
 //@ const VEC = false
 //@ const FLAT = false
@@ -111,12 +111,14 @@ fn norm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(global_invocatio
     }
     for (var k = 0u; k < p.cc; k++) {
         let off = base + k * p.l;
+        // A chunk's channel (when chunks are channels).
+        let gam_k = vec4<f32>(gamma_load(c0 + k));
+        let bet_k = vec4<f32>(beta_load(c0 + k));
         if (VEC) {
             for (var j = 4u * lane; j < p.l; j += 4u * lanes) {
-                let c = channel(c0, k, j, FLAT);
-                var gam = vec4<f32>(gamma_load(c));
-                var bet = vec4<f32>(beta_load(c));
-                if (FLAT) { gam = gamma_load4(c); bet = beta_load4(c); }
+                var gam = gam_k;
+                var bet = bet_k;
+                if (FLAT) { gam = gamma_load4(c0 + j); bet = beta_load4(c0 + j); }
                 if (valid) { y_store4(off + j, affine_act((x_load4(off + j) - mu) * rs, gam, bet, SILU)); }
             }
         } else {
@@ -130,7 +132,7 @@ fn norm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(global_invocatio
 }
 
 //@ entry norm_backward
-//@ tensors x:read dy:read gamma:read beta:read mean:read rstd:read dx:rw part:write
+//@ tensors x:read4 dy:read4 gamma:read4 beta:read4 mean:read rstd:read dx:rw4 part:write
 //@ const WG = 64u
 //@ const VEC = false
 //@ const FLAT = false
@@ -159,14 +161,16 @@ fn norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(global_invocati
     var b = vec4<f32>(0.0);
     for (var k = 0u; k < p.cc; k++) {
         let off = base + k * p.l;
+        // A chunk's channel (when chunks are channels).
+        let gam_k = vec4<f32>(gamma_load(c0 + k));
+        let bet_k = vec4<f32>(beta_load(c0 + k));
         var ds = vec4<f32>(0.0);
         var db = vec4<f32>(0.0);
         if (VEC) {
             for (var j = 4u * lane; j < p.l; j += 4u * lanes) {
-                let c = channel(c0, k, j, FLAT);
-                var gam = vec4<f32>(gamma_load(c));
-                var bet = vec4<f32>(beta_load(c));
-                if (FLAT) { gam = gamma_load4(c); bet = beta_load4(c); }
+                var gam = gam_k;
+                var bet = bet_k;
+                if (FLAT) { gam = gamma_load4(c0 + j); bet = beta_load4(c0 + j); }
                 let xh = (x_load4(off + j) - mu) * rs;
                 let d = affine_grad(dy_load4(off + j), xh, gam, bet, SILU);
                 a += d * gam;
@@ -198,12 +202,14 @@ fn norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(global_invocati
     let bm = t.y / f32(m);
     for (var k = 0u; k < p.cc; k++) {
         let off = base + k * p.l;
+        // A chunk's channel (when chunks are channels).
+        let gam_k = vec4<f32>(gamma_load(c0 + k));
+        let bet_k = vec4<f32>(beta_load(c0 + k));
         if (VEC) {
             for (var j = 4u * lane; j < p.l; j += 4u * lanes) {
-                let c = channel(c0, k, j, FLAT);
-                var gam = vec4<f32>(gamma_load(c));
-                var bet = vec4<f32>(beta_load(c));
-                if (FLAT) { gam = gamma_load4(c); bet = beta_load4(c); }
+                var gam = gam_k;
+                var bet = bet_k;
+                if (FLAT) { gam = gamma_load4(c0 + j); bet = beta_load4(c0 + j); }
                 let xh = (x_load4(off + j) - mu) * rs;
                 let dxh = affine_grad(dy_load4(off + j), xh, gam, bet, SILU) * gam;
                 var g = rs * (dxh - am - xh * bm);
