@@ -1,5 +1,5 @@
 // Batched GEMM over strided operands:
-//   C[z, m, n] = beta * C + sum_k A(z, m, k) B(z, k, n) (+ bias[n]) (+ res[z, m, n])
+//   C[z, m, n] = (C if ACC_C) + sum_k A(z, m, k) B(z, k, n) (+ bias[n]) (+ res[z, m, n])
 // with A(z, m, k) = a[z * a_bs + m * a_rs + k * a_cs] (B likewise) and C
 // contiguous. Strides express transposes, so the forward and both backward
 // products of matmul and linear are all this one kernel.
@@ -46,7 +46,7 @@ fn pack_b(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
 struct Params {
     m: u32, n: u32, k: u32,
     a_bs: u32, a_rs: u32, a_cs: u32,
-    panels: u32, beta: f32,
+    panels: u32,
     b_bs: u32, b_rs: u32,
     rs_beta: f32,
 }
@@ -72,19 +72,19 @@ fn row_offsets(z: u32, row: u32) -> vec4<u32> {
 }
 
 fn store_block(acc: mat4x4<f32>, row0: u32, col0: u32, c_base: u32) {
-    // N a multiple of 4: whole rows of the block are inside or outside, and
-    // each is one vector access per tensor.
-    let whole = (p.n & 3u) == 0u;
     for (var i = 0u; i < 4u; i++) {
         let row = row0 + i;
         if (row >= p.m) { return; }
         let at = c_base + row * p.n + col0;
-        if (whole) {
+        // VEC_C (N a multiple of 4): a row of the block is inside or outside
+        // as a whole, one vector access per tensor. A constant, not a test of
+        // N: llvmpipe runs both sides of a branch it cannot prove uniform.
+        if (VEC_C) {
             if (col0 < p.n) {
                 var r = acc[i];
                 if (HAS_BIAS) { r += bias_load4(col0); }
                 if (HAS_RES) { r += res_load4(at); }
-                if (p.beta != 0.0) { r += c_load4(at); }
+                if (ACC_C) { r += c_load4(at); }
                 c_store4(at, r);
             }
             continue;
@@ -95,7 +95,7 @@ fn store_block(acc: mat4x4<f32>, row0: u32, col0: u32, c_base: u32) {
                 var r = acc[i][q];
                 if (HAS_BIAS) { r += bias_load(col); }
                 if (HAS_RES) { r += res_load(at + q); }
-                if (p.beta != 0.0) { r += c_load(at + q); }
+                if (ACC_C) { r += c_load(at + q); }
                 c_store(at + q, r);
             }
         }
@@ -261,6 +261,8 @@ fn store_tile(t: Tile, row0: u32, col0: u32, z: u32) {
 //@ const DIRECT_B = false
 //@ const ROWSUM = false
 //@ const HAS_RES = false
+//@ const VEC_C = false
+//@ const ACC_C = false
 //@ use gemm_tiles
 // A workgroup is one row of WGX invocations sharing the same rows of A:
 // A's address is uniform across the workgroup, so a GPU fetches it once and
@@ -294,6 +296,8 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
 //@ const TRANS_B = false
 //@ const ROWSUM = false
 //@ const HAS_RES = false
+//@ const VEC_C = false
+//@ const ACC_C = false
 //@ use gemm_tiles
 // For adapters whose subgroup is exactly the WGX-wide workgroup (llvmpipe):
 // in each block of WGX k steps, lane l loads A's column k0 + l once, and

@@ -124,6 +124,12 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
     if direct {
         k = k.konst("DIRECT_B", "true");
     }
+    if g.n.is_multiple_of(4) {
+        k = k.konst("VEC_C", "true");
+    }
+    if g.beta != 0.0 {
+        k = k.konst("ACC_C", "true");
+    }
     if transposed {
         k = k.konst("TRANS_B", "true");
     }
@@ -139,7 +145,6 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
         .u32(g.a.rs)
         .u32(g.a.cs)
         .u32(panels)
-        .f32(g.beta)
         .u32(g.b.bs)
         // The stride between B's stored rows (its columns when transposed).
         .u32(if transposed { g.b.cs } else { g.b.rs })
