@@ -100,8 +100,33 @@ fn dw_sums(a: DwAcc, q: u32, k: u32) -> vec4<f32> {
     return vec4<f32>(1.0) * m;
 }
 
+//@ helpers store_pixels
+// y[idx .. idx + 4] (pixels ox0 .. ox0 + 4 of an output row) = v (+ y with
+// ACC_Y) (+ res with HAS_RES), the pixels past the row's end skipped.
+// VEC_Y (ow a multiple of 4): a whole vector, one access per tensor. Both are
+// constants: llvmpipe executes every side of a branch it cannot prove
+// uniform, so a runtime test would pay for the scalar path too.
+fn store_pixels4(v: vec4<f32>, idx: u32, ox0: u32) {
+    if (VEC_Y) {
+        var o = v;
+        if (ACC_Y) { o += y_load4(idx); }
+        if (HAS_RES) { o += res_load4(idx); }
+        y_store4(idx, o);
+        return;
+    }
+    for (var q = 0u; q < 4u && ox0 + q < p.ow; q++) {
+        var o = v[q];
+        if (ACC_Y) { o += y_load(idx + q); }
+        if (HAS_RES) { o += res_load(idx + q); }
+        y_store(idx + q, o);
+    }
+}
+
 //@ entry conv2d_forward
-//@ tensors x:read w:read bias:read res:read y:rw
+//@ tensors x:read w:read bias:read res:read4 y:rw4
+//@ const ACC_Y = false
+//@ const VEC_Y = false
+//@ use store_pixels
 //@ const KH = 3u
 //@ const KW = 3u
 //@ const SH = 1u
@@ -121,7 +146,6 @@ struct Params {
     co: u32, oh: u32, ow: u32, ph: u32, pw: u32,
     w_cs: u32, w_ks: u32,
     tiles_x: u32, tiles_y: u32,
-    beta: f32,
 }
 
 @compute @workgroup_size(WG)
@@ -174,26 +198,17 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
         for (var c = 0u; c < TCO; c++) {
             if (live && oy0 + r < p.oh && co0 + c < p.co) {
                 let idx = ((n * p.co + co0 + c) * p.oh + oy0 + r) * p.ow + ox0;
-                var v = acc[r * TCO + c];
-                if (ox0 + 4u <= p.ow) {
-                    if (p.beta != 0.0) { v += y_load4(idx); }
-                    if (HAS_RES) { v += vec4<f32>(res_load(idx), res_load(idx + 1u), res_load(idx + 2u), res_load(idx + 3u)); }
-                    y_store4(idx, v);
-                } else {
-                    for (var q = 0u; ox0 + q < p.ow; q++) {
-                        var o = v[q];
-                        if (p.beta != 0.0) { o += y_load(idx + q); }
-                        if (HAS_RES) { o += res_load(idx + q); }
-                        y_store(idx + q, o);
-                    }
-                }
+                store_pixels4(acc[r * TCO + c], idx, ox0);
             }
         }
     }
 }
 
 //@ entry conv2d_forward_sg
-//@ tensors x:read w:read bias:read res:read y:rw
+//@ tensors x:read w:read bias:read res:read4 y:rw4
+//@ const ACC_Y = false
+//@ const VEC_Y = false
+//@ use store_pixels
 //@ const KH = 3u
 //@ const KW = 3u
 //@ const SH = 1u
@@ -213,7 +228,6 @@ struct Params {
     co: u32, oh: u32, ow: u32, ph: u32, pw: u32,
     w_cs: u32, w_ks: u32,
     tiles_x: u32, tiles_y: u32,
-    beta: f32,
 }
 const WG: u32 = 8u;
 
@@ -240,24 +254,12 @@ fn bias4(co: u32) -> mat4x4<f32> {
     return mat4x4<f32>(b, b, b, b);
 }
 
-// y rows of channels co .. co+4 at (n, oy, ox0 .. ox0+4) = beta * y + a.
+// y rows of channels co .. co+4 at (n, oy, ox0 .. ox0+4) (+ y with ACC_Y) + a.
 fn store4x4(a: mat4x4<f32>, live: bool, n: u32, co: u32, oy: u32, ox0: u32) {
     for (var i = 0u; i < 4u; i++) {
         if (live && oy < p.oh && co + i < p.co) {
             let idx = ((n * p.co + co + i) * p.oh + oy) * p.ow + ox0;
-            var v = vec4<f32>(a[0][i], a[1][i], a[2][i], a[3][i]);
-            if (ox0 + 4u <= p.ow) {
-                if (p.beta != 0.0) { v += y_load4(idx); }
-                if (HAS_RES) { v += vec4<f32>(res_load(idx), res_load(idx + 1u), res_load(idx + 2u), res_load(idx + 3u)); }
-                y_store4(idx, v);
-            } else {
-                for (var q = 0u; ox0 + q < p.ow; q++) {
-                    var o = v[q];
-                    if (p.beta != 0.0) { o += y_load(idx + q); }
-                    if (HAS_RES) { o += res_load(idx + q); }
-                    y_store(idx + q, o);
-                }
-            }
+            store_pixels4(vec4<f32>(a[0][i], a[1][i], a[2][i], a[3][i]), idx, ox0);
         }
     }
 }

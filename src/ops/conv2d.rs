@@ -183,9 +183,14 @@ fn emit_conv(e: &mut Emit, l: ConvLaunch) {
         .u32(w_ks)
         .u32(tiles_x)
         .u32(tiles_y)
-        .f32(l.beta)
         .groups_1d(d.n * tiles_x * tiles_y, wg);
     k.workgroups[2] = d.co.div_ceil(tc) as u32;
+    if l.beta != 0.0 {
+        k = k.konst("ACC_Y", "true");
+    }
+    if d.ow.is_multiple_of(4) {
+        k = k.konst("VEC_Y", "true");
+    }
     if !sg {
         k = k
             .konst("TCO", format!("{tc}u"))
