@@ -342,7 +342,7 @@ struct Params {
     n: u32, ci: u32, h: u32, w: u32,
     co: u32, oh: u32, ow: u32, ph: u32, pw: u32,
     chunks: u32, rows_per_chunk: u32, chunk_stride: u32,
-    beta: f32, db_beta: f32,
+    db_beta: f32,
 }
 
 // HAS_DB (one chunk only): the bias gradient db[co] = db_beta * db[co] +
@@ -357,8 +357,10 @@ fn store_db(co: u32, v: f32) {
 }
 
 // dy of one channel row at columns ox0 .. ox0+4 (zero past the edge;
-// ox0 < OW). No branch: llvmpipe runs both sides of every `if`.
+// ox0 < OW): with VEC_DY (OW a multiple of 4) one vector load. No branch:
+// llvmpipe runs both sides of every `if` it cannot prove uniform.
 fn dy4(row: u32, ox0: u32) -> vec4<f32> {
+    if (VEC_DY) { return dy_load4(row + ox0); }
     let last = row + p.ow - 1u;
     return vec4<f32>(dy_load(min(row + ox0, last)),
                      select(0.0, dy_load(min(row + ox0 + 1u, last)), ox0 + 1u < p.ow),
@@ -386,7 +388,7 @@ fn x_window(x_img: u32, oy: u32, ky: u32, ox0: u32, kx0: u32) -> array<f32, XWIN
     return win;
 }
 
-// dw[chunk part] of channels co0 .. co0+16 x taps (ky, kx0 ..) = beta * dw + a's sums.
+// dw[chunk part] of channels co0 .. co0+16 x taps (ky, kx0 ..) = a's sums (+ dw with ACC_DW).
 fn store_dw(a: DwAcc, live: bool, ci: u32, co0: u32, ky: u32, kx0: u32, chunk: u32) {
     for (var q = 0u; q < 4u; q++) {
         for (var k = 0u; k < KXS; k++) {
@@ -396,7 +398,7 @@ fn store_dw(a: DwAcc, live: bool, ci: u32, co0: u32, ky: u32, kx0: u32, chunk: u
                 if (live && kx0 + k < KW && co < p.co) {
                     let idx = chunk * p.chunk_stride + ((co * p.ci + ci) * KH + ky) * KW + kx0 + k;
                     var o = v[c];
-                    if (p.beta != 0.0) { o += dw_load(idx); }
+                    if (ACC_DW) { o += dw_load(idx); }
                     dw_store(idx, o);
                 }
             }
@@ -405,7 +407,9 @@ fn store_dw(a: DwAcc, live: bool, ci: u32, co0: u32, ky: u32, kx0: u32, chunk: u
 }
 
 //@ entry conv2d_grad_weight
-//@ tensors x:read dy:read dw:rw db:rw
+//@ tensors x:read dy:read4 dw:rw db:rw
+//@ const VEC_DY = false
+//@ const ACC_DW = false
 //@ const KH = 3u
 //@ const KW = 3u
 //@ const SH = 1u
@@ -419,7 +423,7 @@ fn store_dw(a: DwAcc, live: bool, ci: u32, co0: u32, ky: u32, kx0: u32, chunk: u
 // summed over the output rows of one chunk, 4 columns at a time (DwAcc).
 // Workgroup z enumerates (ky, kx0 / 3, chunk). dy addresses are the same for
 // the whole workgroup (one load serves every input channel on a GPU). Chunk
-// z writes dw[chunk * p.chunk_stride + i] = beta * dw + partial; with several
+// z writes dw[chunk * p.chunk_stride + i] = partial (+ dw with ACC_DW); with several
 // chunks dw is a scratch buffer summed in chunk order afterwards.
 
 @compute @workgroup_size(WG)
@@ -484,7 +488,9 @@ fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(wo
 }
 
 //@ entry conv2d_grad_weight_sg
-//@ tensors x:read dy:read dw:rw db:rw
+//@ tensors x:read dy:read4 dw:rw db:rw
+//@ const VEC_DY = false
+//@ const ACC_DW = false
 //@ const KH = 3u
 //@ const KW = 3u
 //@ const SH = 1u

@@ -316,9 +316,14 @@ impl Conv2d {
             .u32(chunks)
             .u32(rows_per_chunk)
             .u32(numel)
-            .f32(out_beta)
             .f32(fused_db.map_or(0.0, |t| t.beta()))
             .groups(gx as u32, gy as u32, (taps * chunks) as u32);
+        if out_beta != 0.0 {
+            k = k.konst("ACC_DW", "true");
+        }
+        if d.ow.is_multiple_of(4) {
+            k = k.konst("VEC_DY", "true");
+        }
         if let Some(db) = fused_db {
             k = k.bind("db", db.slot).konst("HAS_DB", "true");
         }
