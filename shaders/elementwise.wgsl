@@ -161,9 +161,10 @@ fn geglu_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
 //@ entry geglu_backward
 //@ tensors x:read4 dy:read4 dx:rw4
 //@ const VEC = 1u
+//@ const ACC = false
 // d hidden = dy * gelu(gate); d gate = dy * hidden * gelu'(gate): one
-// invocation per VEC columns of a row writes both.
-struct Params { n: u32, d: u32, beta: f32 }
+// invocation per VEC columns of a row writes both (added to dx with ACC).
+struct Params { n: u32, d: u32 }
 @compute @workgroup_size(WG)
 fn geglu_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_id(gid, nwg, WG) * VEC;
@@ -175,7 +176,7 @@ fn geglu_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
         let d = dy_load4(i);
         var dh = d * act4(GELU, g);
         var dg = d * h * act_grad4(GELU, g);
-        if (p.beta != 0.0) {
+        if (ACC) {
             dh += dx_load4(at);
             dg += dx_load4(at + p.d);
         }
@@ -187,7 +188,7 @@ fn geglu_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
         let d = dy_load(i);
         var dh = d * act(GELU, g);
         var dg = d * h * act_grad(GELU, g);
-        if (p.beta != 0.0) {
+        if (ACC) {
             dh += dx_load(at);
             dg += dx_load(at + p.d);
         }
@@ -199,9 +200,11 @@ fn geglu_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 //@ entry broadcast_forward
 //@ tensors a:read b:read y:rw
 //@ const OP = 0u
-// y[i] = beta * y[i] + a[i] (+|*) b[bidx(i)], or just b[bidx(i)] (OP 2),
-// where bidx uses b's strides over y's 4-D shape (0 on broadcast dims).
-struct Params { n: u32, d1: u32, d2: u32, d3: u32, bs0: u32, bs1: u32, bs2: u32, bs3: u32, beta: f32 }
+//@ const ACC = false
+// y[i] = a[i] (+|*) b[bidx(i)], or just b[bidx(i)] (OP 2), plus y[i] with
+// ACC, where bidx uses b's strides over y's 4-D shape (0 on broadcast dims).
+// Accumulation is a constant: llvmpipe would pay for a runtime test's load.
+struct Params { n: u32, d1: u32, d2: u32, d3: u32, bs0: u32, bs1: u32, bs2: u32, bs3: u32 }
 @compute @workgroup_size(WG)
 fn broadcast_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_id(gid, nwg, WG);
@@ -214,17 +217,18 @@ fn broadcast_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
         case 1u: { v = a_load(i) * bv; }
         default: { v = bv; }
     }
-    if (p.beta != 0.0) { v += y_load(i); }
+    if (ACC) { v += y_load(i); }
     y_store(i, v);
 }
 
 //@ entry broadcast_reduce
 //@ tensors dy:read m:read db:rw
 //@ const MUL = false
-// db[j] = beta * db[j] + sum over the broadcast dims of dy[i] (* m[i] when MUL),
-// the gradient of a broadcast operand. One invocation per element of db,
-// summing in a fixed order. Dims: y's 4-D shape; bd*: b's 4-D shape.
-struct Params { nb: u32, d0: u32, d1: u32, d2: u32, d3: u32, bd1: u32, bd2: u32, bd3: u32, beta: f32 }
+//@ const ACC = false
+// db[j] = sum over the broadcast dims of dy[i] (* m[i] when MUL) (+ db[j]
+// with ACC), the gradient of a broadcast operand. One invocation per element
+// of db, summing in a fixed order. Dims: y's 4-D shape; bd*: b's 4-D shape.
+struct Params { nb: u32, d0: u32, d1: u32, d2: u32, d3: u32, bd1: u32, bd2: u32, bd3: u32 }
 @compute @workgroup_size(WG)
 fn broadcast_reduce(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let j = flat_id(gid, nwg, WG);
@@ -250,6 +254,6 @@ fn broadcast_reduce(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
             }
         }
     }
-    if (p.beta != 0.0) { acc += db_load(j); }
+    if (ACC) { acc += db_load(j); }
     db_store(j, acc);
 }

@@ -140,11 +140,13 @@ fn norm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(global_invocatio
 //@ const ONE_LANE = false
 //@ const DX = true
 //@ const PART = false
-// Per row: a = sum dxhat and b = sum dxhat * xhat, then dx (when
-// DX). With PART (chunks are channels), lane l also writes its sums of
-// dy' * xhat and dy' over chunk k to part[(row CC + k) lanes + l] and
-// part[half + ..]: the parameter-gradient partials, summed in order later.
-struct Params { rows: u32, cc: u32, l: u32, g: u32, cg: u32, half: u32, beta: f32 }
+//@ const ACC = false
+// Per row: a = sum dxhat and b = sum dxhat * xhat, then dx (when DX;
+// added to dx with ACC). With PART (chunks are channels), lane l also
+// writes its sums of dy' * xhat and dy' over chunk k to
+// part[(row CC + k) lanes + l] and part[half + ..]: the parameter-gradient
+// partials, summed in order later.
+struct Params { rows: u32, cc: u32, l: u32, g: u32, cg: u32, half: u32 }
 @compute @workgroup_size(WG)
 fn norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let lane = select(lid, 0u, ONE_LANE);
@@ -213,7 +215,7 @@ fn norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(global_invocati
                 let xh = (x_load4(off + j) - mu) * rs;
                 let dxh = affine_grad(dy_load4(off + j), xh, gam, bet, SILU) * gam;
                 var g = rs * (dxh - am - xh * bm);
-                if (p.beta != 0.0) { g += dx_load4(off + j); }
+                if (ACC) { g += dx_load4(off + j); }
                 if (valid) { dx_store4(off + j, g); }
             }
         } else {
@@ -223,7 +225,7 @@ fn norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(global_invocati
                 let xh = vec4<f32>((x_load(off + j) - mu) * rs);
                 let dxh = affine_grad(vec4<f32>(dy_load(off + j)), xh, gam, vec4<f32>(beta_load(c)), SILU).x * gam.x;
                 var g = rs * (dxh - am - xh.x * bm);
-                if (p.beta != 0.0) { g += dx_load(off + j); }
+                if (ACC) { g += dx_load(off + j); }
                 if (valid) { dx_store(off + j, g); }
             }
         }

@@ -72,7 +72,8 @@ impl SliceLayout {
     }
 }
 
-/// dst = beta * dst + src over one slice (zeros when `src.slot` is None).
+/// dst = beta * dst + src over one slice (zeros when `src.slot` is None),
+/// beta 0 or 1.
 fn emit_copy(e: &mut Emit, l: &SliceLayout, src: Side, dst: Side, beta: f32) {
     let n = l.rows * l.len;
     if n == 0 {
@@ -84,6 +85,7 @@ fn emit_copy(e: &mut Emit, l: &SliceLayout, src: Side, dst: Side, beta: f32) {
         .all(|v| v.is_multiple_of(4));
     let mut k = Kernel::new("concat", "copy_slice")
         .konst("VEC", vec)
+        .konst("ACC", beta != 0.0)
         .bind("dst", dst_slot);
     k = match src.slot {
         Some(s) => k.bind("src", s),
@@ -97,7 +99,6 @@ fn emit_copy(e: &mut Emit, l: &SliceLayout, src: Side, dst: Side, beta: f32) {
             .u32(src.stride)
             .u32(dst.base)
             .u32(dst.stride)
-            .f32(beta)
             .groups_1d(n / per, WG),
     );
 }

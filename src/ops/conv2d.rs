@@ -653,6 +653,23 @@ mod tests {
         c.check_all_dtypes("conv_k3_s1_p1_bias_2x3x7x5_to_4");
     }
 
+    /// Rows 12 and 16 wide: whole-vector stores (OW a multiple of 4) over
+    /// several tiles per row.
+    #[test]
+    fn k3_s1_p1_wide_rows_all_dtypes() {
+        for w in [12, 16] {
+            let c = Case {
+                x: [1, 3, 3, w],
+                co: 18,
+                k: 3,
+                stride: 1,
+                padding: [1; 4],
+                bias: true,
+            };
+            c.check_all_dtypes(&format!("conv_k3_s1_p1_bias_1x3x3x{w}_to_18"));
+        }
+    }
+
     #[test]
     fn k3_s2_p1_odd_all_dtypes() {
         let c = Case {

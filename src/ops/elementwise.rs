@@ -241,7 +241,9 @@ pub(crate) fn emit_broadcast(
     beta: f32,
 ) {
     let n: usize = l.dims.iter().product();
-    let mut k = Kernel::new("elementwise", "broadcast_forward").konst("OP", format!("{op}u"));
+    let mut k = Kernel::new("elementwise", "broadcast_forward")
+        .konst("OP", format!("{op}u"))
+        .konst("ACC", beta != 0.0);
     if let Some(a) = a {
         k = k.bind("a", a);
     }
@@ -255,7 +257,7 @@ pub(crate) fn emit_broadcast(
     for s in l.b_strides {
         k = k.u32(s);
     }
-    e.push(k.f32(beta).groups_1d(n, WG));
+    e.push(k.groups_1d(n, WG));
 }
 
 /// dst = beta*dst + src over `numel` elements: a gradient that passes
@@ -280,6 +282,7 @@ pub(crate) fn emit_broadcast_reduce(
 ) {
     let nb: usize = l.b_dims.iter().product();
     let mut k = Kernel::new("elementwise", "broadcast_reduce")
+        .konst("ACC", beta != 0.0)
         .bind("dy", dy)
         .bind("db", db);
     if let Some(m) = m {
@@ -289,11 +292,7 @@ pub(crate) fn emit_broadcast_reduce(
     for d in l.dims {
         k = k.u32(d);
     }
-    let k = k
-        .u32(l.b_dims[1])
-        .u32(l.b_dims[2])
-        .u32(l.b_dims[3])
-        .f32(beta);
+    let k = k.u32(l.b_dims[1]).u32(l.b_dims[2]).u32(l.b_dims[3]);
     e.push(k.groups_1d(nb, WG));
 }
 
@@ -544,12 +543,12 @@ impl OpKernels for Geglu {
         e.push(
             Kernel::new("elementwise", "geglu_backward")
                 .konst("VEC", format!("{vec}u"))
+                .konst("ACC", dx.beta() != 0.0)
                 .bind("x", Slot::Value(i[0]))
                 .bind("dy", dy)
                 .bind("dx", dx.slot)
                 .u32(n)
                 .u32(d)
-                .f32(dx.beta())
                 .groups_1d(n / vec, WG),
         );
         Ok(())

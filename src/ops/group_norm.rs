@@ -244,8 +244,8 @@ pub(crate) fn emit_norm_backward(
         let mut k = bind_reads(v.row_kernel("norm_backward", silu))
             .konst("DX", dx.is_some())
             .konst("PART", row_partials)
-            .u32(half)
-            .f32(dx.map_or(0.0, |t| t.beta()));
+            .konst("ACC", dx.is_some_and(|t| t.beta() != 0.0))
+            .u32(half);
         if let Some(dx) = dx {
             k = k.bind("dx", dx.slot);
         }
