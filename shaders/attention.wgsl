@@ -26,14 +26,19 @@ const MASKED: f32 = -1.0e30;
 const TAIL_OFF: vec4<u32> = min(vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>((D - 1u) % 4u));
 const TAIL_MASK: vec4<bool> = vec4<u32>(0u, 1u, 2u, 3u) <= vec4<u32>((D - 1u) % 4u);
 
-// Whether chunk c of a row is a full vec4.
+// Whether chunks are read and written as whole vectors: rows (of heads x D
+// values) then start at multiples of 4. Otherwise element by element.
 fn full_chunk(c: u32) -> bool {
-    return D % 4u == 0u || c + 1u < D4;
+    return D % 4u == 0u;
 }
 
-// Element offsets of chunk c of a row starting at `base`.
+// Element offsets of chunk c of a row starting at `base` (the last chunk
+// clamped to the row), and which are valid.
 fn chunk_idx(base: u32, c: u32) -> vec4<u32> {
-    return vec4<u32>(base + 4u * c) + TAIL_OFF;
+    return vec4<u32>(base + 4u * c) + select(vec4<u32>(0u, 1u, 2u, 3u), TAIL_OFF, c + 1u == D4);
+}
+fn chunk_mask(c: u32) -> vec4<bool> {
+    return select(vec4<bool>(true), TAIL_MASK, c + 1u == D4);
 }
 
 // Key j is visible from query i (of sk keys, with the causal mask or not).
@@ -101,19 +106,19 @@ fn q_vec(base: u32, c: u32) -> vec4<f32> {
     if (c >= D4) { return vec4<f32>(); }
     if (full_chunk(c)) { return q_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(q_load(ix.x), q_load(ix.y), q_load(ix.z), q_load(ix.w)), TAIL_MASK);
+    return select(vec4<f32>(), vec4<f32>(q_load(ix.x), q_load(ix.y), q_load(ix.z), q_load(ix.w)), chunk_mask(c));
 }
 fn k_vec(base: u32, c: u32) -> vec4<f32> {
     if (c >= D4) { return vec4<f32>(); }
     if (full_chunk(c)) { return k_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(k_load(ix.x), k_load(ix.y), k_load(ix.z), k_load(ix.w)), TAIL_MASK);
+    return select(vec4<f32>(), vec4<f32>(k_load(ix.x), k_load(ix.y), k_load(ix.z), k_load(ix.w)), chunk_mask(c));
 }
 fn v_vec(base: u32, c: u32) -> vec4<f32> {
     if (c >= D4) { return vec4<f32>(); }
     if (full_chunk(c)) { return v_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(v_load(ix.x), v_load(ix.y), v_load(ix.z), v_load(ix.w)), TAIL_MASK);
+    return select(vec4<f32>(), vec4<f32>(v_load(ix.x), v_load(ix.y), v_load(ix.z), v_load(ix.w)), chunk_mask(c));
 }
 
 //@ helpers dout_chunks
@@ -122,11 +127,11 @@ fn dout_vec(base: u32, c: u32) -> vec4<f32> {
     if (c >= D4) { return vec4<f32>(); }
     if (full_chunk(c)) { return dout_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(dout_load(ix.x), dout_load(ix.y), dout_load(ix.z), dout_load(ix.w)), TAIL_MASK);
+    return select(vec4<f32>(), vec4<f32>(dout_load(ix.x), dout_load(ix.y), dout_load(ix.z), dout_load(ix.w)), chunk_mask(c));
 }
 
 //@ entry attention_forward
-//@ tensors q:read k:read v:read o:write lse:write
+//@ tensors q:read4 k:read4 v:read4 o:write4 lse:write
 //@ const D = 4u
 //@ const RQ = 4u
 //@ const WG = 8u
@@ -211,7 +216,7 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
             if (full_chunk(c)) {
                 o_store4(base + 4u * c, val);
             } else {
-                for (var e = 0u; e < D - 4u * c; e++) { o_store(base + 4u * c + e, val[e]); }
+                for (var e = 0u; e < min(4u, D - 4u * c); e++) { o_store(base + 4u * c + e, val[e]); }
             }
         }
     }
@@ -308,7 +313,7 @@ fn row_shuffle(r: Row, t: u32) -> Row {
 }
 
 //@ entry attention_forward_subgroup
-//@ tensors q:read k:read v:read o:write lse:write
+//@ tensors q:read4 k:read4 v:read4 o:write4 lse:write
 //@ const D = 4u
 //@ const RQ = 4u
 //@ const CAUSAL = false
@@ -339,7 +344,7 @@ fn store_row(acc: Row, b: u32, bh: u32, row: u32, hoff: u32, m: f32, l: f32) {
         if (full_chunk(c)) {
             o_store4(base + 4u * c, val);
         } else {
-            for (var e = 0u; e < D - 4u * c; e++) { o_store(base + 4u * c + e, val[e]); }
+            for (var e = 0u; e < min(4u, D - 4u * c); e++) { o_store(base + 4u * c + e, val[e]); }
         }
     }
 }
@@ -399,7 +404,7 @@ fn attention_forward_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(loc
 }
 
 //@ entry attention_delta
-//@ tensors o:read dout:read delta:write
+//@ tensors o:read4 dout:read4 delta:write
 //@ const D = 4u
 //@ const WG = 64u
 //@ use dout_chunks
@@ -410,7 +415,7 @@ struct Params { n: u32, sq: u32, heads: u32, hd: u32 }
 fn o_vec(base: u32, c: u32) -> vec4<f32> {
     if (full_chunk(c)) { return o_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(o_load(ix.x), o_load(ix.y), o_load(ix.z), o_load(ix.w)), TAIL_MASK);
+    return select(vec4<f32>(), vec4<f32>(o_load(ix.x), o_load(ix.y), o_load(ix.z), o_load(ix.w)), chunk_mask(c));
 }
 
 @compute @workgroup_size(WG)
@@ -426,7 +431,7 @@ fn attention_delta(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
 }
 
 //@ entry attention_backward_dq
-//@ tensors q:read k:read v:read dout:read lse:read delta:read dq:rw
+//@ tensors q:read4 k:read4 v:read4 dout:read4 lse:read delta:read dq:rw4
 //@ const D = 4u
 //@ const RQ = 4u
 //@ const WG = 8u
@@ -441,7 +446,7 @@ struct Params { sq: u32, sk: u32, heads: u32, hd: u32, scale: f32, beta: f32 }
 fn dq_vec(base: u32, c: u32) -> vec4<f32> {
     if (full_chunk(c)) { return dq_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(dq_load(ix.x), dq_load(ix.y), dq_load(ix.z), dq_load(ix.w)), TAIL_MASK);
+    return select(vec4<f32>(), vec4<f32>(dq_load(ix.x), dq_load(ix.y), dq_load(ix.z), dq_load(ix.w)), chunk_mask(c));
 }
 
 @compute @workgroup_size(WG)
@@ -501,7 +506,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
             if (full_chunk(c)) {
                 dq_store4(base + 4u * c, val);
             } else {
-                for (var e = 0u; e < D - 4u * c; e++) { dq_store(base + 4u * c + e, val[e]); }
+                for (var e = 0u; e < min(4u, D - 4u * c); e++) { dq_store(base + 4u * c + e, val[e]); }
             }
         }
     }
@@ -518,7 +523,7 @@ fn dout_row(b: u32, row: u32, hoff: u32) -> Row {
 }
 
 //@ entry attention_backward_dq_subgroup
-//@ tensors q:read k:read v:read dout:read lse:read delta:read dq:rw
+//@ tensors q:read4 k:read4 v:read4 dout:read4 lse:read delta:read dq:rw4
 //@ const D = 4u
 //@ const RQ = 4u
 //@ const CAUSAL = false
@@ -535,7 +540,7 @@ const WG: u32 = 8u;
 fn dq_vec(base: u32, c: u32) -> vec4<f32> {
     if (full_chunk(c)) { return dq_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(dq_load(ix.x), dq_load(ix.y), dq_load(ix.z), dq_load(ix.w)), TAIL_MASK);
+    return select(vec4<f32>(), vec4<f32>(dq_load(ix.x), dq_load(ix.y), dq_load(ix.z), dq_load(ix.w)), chunk_mask(c));
 }
 fn store_row(acc: Row, b: u32, row: u32, hoff: u32) {
     if (row >= p.sq) { return; }
@@ -546,7 +551,7 @@ fn store_row(acc: Row, b: u32, row: u32, hoff: u32) {
         if (full_chunk(c)) {
             dq_store4(base + 4u * c, val);
         } else {
-            for (var e = 0u; e < D - 4u * c; e++) { dq_store(base + 4u * c + e, val[e]); }
+            for (var e = 0u; e < min(4u, D - 4u * c); e++) { dq_store(base + 4u * c + e, val[e]); }
         }
     }
 }
@@ -587,7 +592,7 @@ fn attention_backward_dq_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin
 }
 
 //@ entry attention_backward_dkv_subgroup
-//@ tensors q:read k:read v:read dout:read lse:read delta:read dk:rw dv:rw
+//@ tensors q:read4 k:read4 v:read4 dout:read4 lse:read delta:read dk:rw4 dv:rw4
 //@ const D = 4u
 //@ const RQ = 4u
 //@ const CAUSAL = false
@@ -607,12 +612,12 @@ const WG: u32 = 8u;
 fn dk_vec(base: u32, c: u32) -> vec4<f32> {
     if (full_chunk(c)) { return dk_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(dk_load(ix.x), dk_load(ix.y), dk_load(ix.z), dk_load(ix.w)), TAIL_MASK);
+    return select(vec4<f32>(), vec4<f32>(dk_load(ix.x), dk_load(ix.y), dk_load(ix.z), dk_load(ix.w)), chunk_mask(c));
 }
 fn dv_vec(base: u32, c: u32) -> vec4<f32> {
     if (full_chunk(c)) { return dv_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(dv_load(ix.x), dv_load(ix.y), dv_load(ix.z), dv_load(ix.w)), TAIL_MASK);
+    return select(vec4<f32>(), vec4<f32>(dv_load(ix.x), dv_load(ix.y), dv_load(ix.z), dv_load(ix.w)), chunk_mask(c));
 }
 
 fn store_row(dk: Row, dv: Row, b: u32, row: u32, hoff: u32) {
@@ -625,7 +630,7 @@ fn store_row(dk: Row, dv: Row, b: u32, row: u32, hoff: u32) {
             if (full_chunk(c)) {
                 dk_store4(base + 4u * c, val);
             } else {
-                for (var e = 0u; e < D - 4u * c; e++) { dk_store(base + 4u * c + e, val[e]); }
+                for (var e = 0u; e < min(4u, D - 4u * c); e++) { dk_store(base + 4u * c + e, val[e]); }
             }
         }
         if (HAS_DV) {
@@ -634,7 +639,7 @@ fn store_row(dk: Row, dv: Row, b: u32, row: u32, hoff: u32) {
             if (full_chunk(c)) {
                 dv_store4(base + 4u * c, val);
             } else {
-                for (var e = 0u; e < D - 4u * c; e++) { dv_store(base + 4u * c + e, val[e]); }
+                for (var e = 0u; e < min(4u, D - 4u * c); e++) { dv_store(base + 4u * c + e, val[e]); }
             }
         }
     }
@@ -687,7 +692,7 @@ fn attention_backward_dkv_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builti
 }
 
 //@ entry attention_backward_dkv
-//@ tensors q:read k:read v:read dout:read lse:read delta:read dk:rw dv:rw
+//@ tensors q:read4 k:read4 v:read4 dout:read4 lse:read delta:read dk:rw4 dv:rw4
 //@ const D = 4u
 //@ const RQ = 4u
 //@ const WG = 8u
@@ -703,12 +708,12 @@ struct Params { sq: u32, sk: u32, heads: u32, hd: u32, scale: f32, beta_k: f32, 
 fn dk_vec(base: u32, c: u32) -> vec4<f32> {
     if (full_chunk(c)) { return dk_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(dk_load(ix.x), dk_load(ix.y), dk_load(ix.z), dk_load(ix.w)), TAIL_MASK);
+    return select(vec4<f32>(), vec4<f32>(dk_load(ix.x), dk_load(ix.y), dk_load(ix.z), dk_load(ix.w)), chunk_mask(c));
 }
 fn dv_vec(base: u32, c: u32) -> vec4<f32> {
     if (full_chunk(c)) { return dv_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
-    return select(vec4<f32>(), vec4<f32>(dv_load(ix.x), dv_load(ix.y), dv_load(ix.z), dv_load(ix.w)), TAIL_MASK);
+    return select(vec4<f32>(), vec4<f32>(dv_load(ix.x), dv_load(ix.y), dv_load(ix.z), dv_load(ix.w)), chunk_mask(c));
 }
 
 @compute @workgroup_size(WG)
@@ -774,7 +779,7 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
                 if (full_chunk(c)) {
                     dk_store4(base + 4u * c, val);
                 } else {
-                    for (var e = 0u; e < D - 4u * c; e++) { dk_store(base + 4u * c + e, val[e]); }
+                    for (var e = 0u; e < min(4u, D - 4u * c); e++) { dk_store(base + 4u * c + e, val[e]); }
                 }
             }
             if (HAS_DV) {
@@ -783,7 +788,7 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
                 if (full_chunk(c)) {
                     dv_store4(base + 4u * c, val);
                 } else {
-                    for (var e = 0u; e < D - 4u * c; e++) { dv_store(base + 4u * c + e, val[e]); }
+                    for (var e = 0u; e < min(4u, D - 4u * c); e++) { dv_store(base + 4u * c + e, val[e]); }
                 }
             }
         }
