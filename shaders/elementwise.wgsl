@@ -146,16 +146,20 @@ fn clamp_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 // (diffusers GEGLU: proj(x).chunk(2, dim=-1)). One invocation per VEC
 // columns of a row (VEC = 4 when d is a multiple of 4).
 struct Params { n: u32, d: u32 }
+
+// VEC consecutive values as a vector (in .x when VEC = 1).
+fn x_vec(i: u32) -> vec4<f32> {
+    if (VEC == 4u) { return x_load4(i); }
+    return vec4<f32>(x_load(i), 0.0, 0.0, 0.0);
+}
+
 @compute @workgroup_size(WG)
 fn geglu_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_id(gid, nwg, WG) * VEC;
     if (i >= p.n) { return; }
     let at = (i / p.d) * 2u * p.d + i % p.d;
-    if (VEC == 4u) {
-        y_store4(i, x_load4(at) * act4(GELU, x_load4(at + p.d)));
-    } else {
-        y_store(i, x_load(at) * act(GELU, x_load(at + p.d)));
-    }
+    let y = x_vec(at) * act4(GELU, x_vec(at + p.d));
+    if (VEC == 4u) { y_store4(i, y); } else { y_store(i, y.x); }
 }
 
 //@ entry geglu_backward
@@ -165,36 +169,38 @@ fn geglu_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
 // d hidden = dy * gelu(gate); d gate = dy * hidden * gelu'(gate): one
 // invocation per VEC columns of a row writes both (added to dx with ACC).
 struct Params { n: u32, d: u32 }
+
+// VEC consecutive values of x, dy or dx as a vector (in .x when VEC = 1),
+// and the store of such a vector into dx (plus dx with ACC).
+fn x_vec(i: u32) -> vec4<f32> {
+    if (VEC == 4u) { return x_load4(i); }
+    return vec4<f32>(x_load(i), 0.0, 0.0, 0.0);
+}
+fn dy_vec(i: u32) -> vec4<f32> {
+    if (VEC == 4u) { return dy_load4(i); }
+    return vec4<f32>(dy_load(i), 0.0, 0.0, 0.0);
+}
+fn dx_put(i: u32, v: vec4<f32>) {
+    var o = v;
+    if (VEC == 4u) {
+        if (ACC) { o += dx_load4(i); }
+        dx_store4(i, o);
+    } else {
+        if (ACC) { o.x += dx_load(i); }
+        dx_store(i, o.x);
+    }
+}
+
 @compute @workgroup_size(WG)
 fn geglu_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_id(gid, nwg, WG) * VEC;
     if (i >= p.n) { return; }
     let at = (i / p.d) * 2u * p.d + i % p.d;
-    if (VEC == 4u) {
-        let h = x_load4(at);
-        let g = x_load4(at + p.d);
-        let d = dy_load4(i);
-        var dh = d * act4(GELU, g);
-        var dg = d * h * act_grad4(GELU, g);
-        if (ACC) {
-            dh += dx_load4(at);
-            dg += dx_load4(at + p.d);
-        }
-        dx_store4(at, dh);
-        dx_store4(at + p.d, dg);
-    } else {
-        let h = x_load(at);
-        let g = x_load(at + p.d);
-        let d = dy_load(i);
-        var dh = d * act(GELU, g);
-        var dg = d * h * act_grad(GELU, g);
-        if (ACC) {
-            dh += dx_load(at);
-            dg += dx_load(at + p.d);
-        }
-        dx_store(at, dh);
-        dx_store(at + p.d, dg);
-    }
+    let h = x_vec(at);
+    let g = x_vec(at + p.d);
+    let d = dy_vec(i);
+    dx_put(at, d * act4(GELU, g));
+    dx_put(at + p.d, d * h * act_grad4(GELU, g));
 }
 
 //@ entry broadcast_forward
