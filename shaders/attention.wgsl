@@ -28,9 +28,7 @@ const TAIL_MASK: vec4<bool> = vec4<u32>(0u, 1u, 2u, 3u) <= vec4<u32>((D - 1u) % 
 
 // Whether chunks are read and written as whole vectors: rows (of heads x D
 // values) then start at multiples of 4. Otherwise element by element.
-fn full_chunk(c: u32) -> bool {
-    return D % 4u == 0u;
-}
+const VEC_ROWS: bool = D % 4u == 0u;
 
 // Element offsets of chunk c of a row starting at `base` (the last chunk
 // clamped to the row), and which are valid.
@@ -104,19 +102,19 @@ fn row_chunk(r: Row, c: u32) -> vec4<f32> {
 // Chunk c (4 values) of a q, k or v head row at base; zero past D and for c >= D4.
 fn q_vec(base: u32, c: u32) -> vec4<f32> {
     if (c >= D4) { return vec4<f32>(); }
-    if (full_chunk(c)) { return q_load4(base + 4u * c); }
+    if (VEC_ROWS) { return q_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
     return select(vec4<f32>(), vec4<f32>(q_load(ix.x), q_load(ix.y), q_load(ix.z), q_load(ix.w)), chunk_mask(c));
 }
 fn k_vec(base: u32, c: u32) -> vec4<f32> {
     if (c >= D4) { return vec4<f32>(); }
-    if (full_chunk(c)) { return k_load4(base + 4u * c); }
+    if (VEC_ROWS) { return k_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
     return select(vec4<f32>(), vec4<f32>(k_load(ix.x), k_load(ix.y), k_load(ix.z), k_load(ix.w)), chunk_mask(c));
 }
 fn v_vec(base: u32, c: u32) -> vec4<f32> {
     if (c >= D4) { return vec4<f32>(); }
-    if (full_chunk(c)) { return v_load4(base + 4u * c); }
+    if (VEC_ROWS) { return v_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
     return select(vec4<f32>(), vec4<f32>(v_load(ix.x), v_load(ix.y), v_load(ix.z), v_load(ix.w)), chunk_mask(c));
 }
@@ -125,7 +123,7 @@ fn v_vec(base: u32, c: u32) -> vec4<f32> {
 // Chunk c of a dO head row at base, as above.
 fn dout_vec(base: u32, c: u32) -> vec4<f32> {
     if (c >= D4) { return vec4<f32>(); }
-    if (full_chunk(c)) { return dout_load4(base + 4u * c); }
+    if (VEC_ROWS) { return dout_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
     return select(vec4<f32>(), vec4<f32>(dout_load(ix.x), dout_load(ix.y), dout_load(ix.z), dout_load(ix.w)), chunk_mask(c));
 }
@@ -213,7 +211,7 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
         let base = (b * p.sq + row) * p.hd + hoff;
         for (var c = 0u; c < D4; c++) {
             let val = acc[r * D4 + c] * inv;
-            if (full_chunk(c)) {
+            if (VEC_ROWS) {
                 o_store4(base + 4u * c, val);
             } else {
                 for (var e = 0u; e < min(4u, D - 4u * c); e++) { o_store(base + 4u * c + e, val[e]); }
@@ -341,7 +339,7 @@ fn store_row(acc: Row, b: u32, bh: u32, row: u32, hoff: u32, m: f32, l: f32) {
     let base = (b * p.sq + row) * p.hd + hoff;
     for (var c = 0u; c < D4; c++) {
         let val = row_chunk(acc, c) * inv;
-        if (full_chunk(c)) {
+        if (VEC_ROWS) {
             o_store4(base + 4u * c, val);
         } else {
             for (var e = 0u; e < min(4u, D - 4u * c); e++) { o_store(base + 4u * c + e, val[e]); }
@@ -413,7 +411,7 @@ fn attention_forward_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(loc
 struct Params { n: u32, sq: u32, heads: u32, hd: u32 }
 
 fn o_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return o_load4(base + 4u * c); }
+    if (VEC_ROWS) { return o_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
     return select(vec4<f32>(), vec4<f32>(o_load(ix.x), o_load(ix.y), o_load(ix.z), o_load(ix.w)), chunk_mask(c));
 }
@@ -444,7 +442,7 @@ fn attention_delta(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
 struct Params { sq: u32, sk: u32, heads: u32, hd: u32, scale: f32, beta: f32 }
 
 fn dq_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return dq_load4(base + 4u * c); }
+    if (VEC_ROWS) { return dq_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
     return select(vec4<f32>(), vec4<f32>(dq_load(ix.x), dq_load(ix.y), dq_load(ix.z), dq_load(ix.w)), chunk_mask(c));
 }
@@ -503,7 +501,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
         for (var c = 0u; c < D4; c++) {
             var val = acc[r * D4 + c] * p.scale;
             if (p.beta != 0.0) { val += dq_vec(base, c); }
-            if (full_chunk(c)) {
+            if (VEC_ROWS) {
                 dq_store4(base + 4u * c, val);
             } else {
                 for (var e = 0u; e < min(4u, D - 4u * c); e++) { dq_store(base + 4u * c + e, val[e]); }
@@ -538,7 +536,7 @@ struct Params { sq: u32, sk: u32, heads: u32, hd: u32, scale: f32, beta: f32 }
 const WG: u32 = 8u;
 
 fn dq_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return dq_load4(base + 4u * c); }
+    if (VEC_ROWS) { return dq_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
     return select(vec4<f32>(), vec4<f32>(dq_load(ix.x), dq_load(ix.y), dq_load(ix.z), dq_load(ix.w)), chunk_mask(c));
 }
@@ -548,7 +546,7 @@ fn store_row(acc: Row, b: u32, row: u32, hoff: u32) {
     for (var c = 0u; c < D4; c++) {
         var val = row_chunk(acc, c) * p.scale;
         if (p.beta != 0.0) { val += dq_vec(base, c); }
-        if (full_chunk(c)) {
+        if (VEC_ROWS) {
             dq_store4(base + 4u * c, val);
         } else {
             for (var e = 0u; e < min(4u, D - 4u * c); e++) { dq_store(base + 4u * c + e, val[e]); }
@@ -610,12 +608,12 @@ struct Params { sq: u32, sk: u32, heads: u32, hd: u32, scale: f32, beta_k: f32, 
 const WG: u32 = 8u;
 
 fn dk_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return dk_load4(base + 4u * c); }
+    if (VEC_ROWS) { return dk_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
     return select(vec4<f32>(), vec4<f32>(dk_load(ix.x), dk_load(ix.y), dk_load(ix.z), dk_load(ix.w)), chunk_mask(c));
 }
 fn dv_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return dv_load4(base + 4u * c); }
+    if (VEC_ROWS) { return dv_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
     return select(vec4<f32>(), vec4<f32>(dv_load(ix.x), dv_load(ix.y), dv_load(ix.z), dv_load(ix.w)), chunk_mask(c));
 }
@@ -627,7 +625,7 @@ fn store_row(dk: Row, dv: Row, b: u32, row: u32, hoff: u32) {
         if (HAS_DK) {
             var val = row_chunk(dk, c) * p.scale;
             if (p.beta_k != 0.0) { val += dk_vec(base, c); }
-            if (full_chunk(c)) {
+            if (VEC_ROWS) {
                 dk_store4(base + 4u * c, val);
             } else {
                 for (var e = 0u; e < min(4u, D - 4u * c); e++) { dk_store(base + 4u * c + e, val[e]); }
@@ -636,7 +634,7 @@ fn store_row(dk: Row, dv: Row, b: u32, row: u32, hoff: u32) {
         if (HAS_DV) {
             var val = row_chunk(dv, c);
             if (p.beta_v != 0.0) { val += dv_vec(base, c); }
-            if (full_chunk(c)) {
+            if (VEC_ROWS) {
                 dv_store4(base + 4u * c, val);
             } else {
                 for (var e = 0u; e < min(4u, D - 4u * c); e++) { dv_store(base + 4u * c + e, val[e]); }
@@ -706,12 +704,12 @@ fn attention_backward_dkv_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builti
 struct Params { sq: u32, sk: u32, heads: u32, hd: u32, scale: f32, beta_k: f32, beta_v: f32 }
 
 fn dk_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return dk_load4(base + 4u * c); }
+    if (VEC_ROWS) { return dk_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
     return select(vec4<f32>(), vec4<f32>(dk_load(ix.x), dk_load(ix.y), dk_load(ix.z), dk_load(ix.w)), chunk_mask(c));
 }
 fn dv_vec(base: u32, c: u32) -> vec4<f32> {
-    if (full_chunk(c)) { return dv_load4(base + 4u * c); }
+    if (VEC_ROWS) { return dv_load4(base + 4u * c); }
     let ix = chunk_idx(base, c);
     return select(vec4<f32>(), vec4<f32>(dv_load(ix.x), dv_load(ix.y), dv_load(ix.z), dv_load(ix.w)), chunk_mask(c));
 }
@@ -776,7 +774,7 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
             if (HAS_DK) {
                 var val = dk[r * D4 + c] * p.scale;
                 if (p.beta_k != 0.0) { val += dk_vec(base, c); }
-                if (full_chunk(c)) {
+                if (VEC_ROWS) {
                     dk_store4(base + 4u * c, val);
                 } else {
                     for (var e = 0u; e < min(4u, D - 4u * c); e++) { dk_store(base + 4u * c + e, val[e]); }
@@ -785,7 +783,7 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
             if (HAS_DV) {
                 var val = dv[r * D4 + c];
                 if (p.beta_v != 0.0) { val += dv_vec(base, c); }
-                if (full_chunk(c)) {
+                if (VEC_ROWS) {
                     dv_store4(base + 4u * c, val);
                 } else {
                     for (var e = 0u; e < min(4u, D - 4u * c); e++) { dv_store(base + 4u * c + e, val[e]); }

@@ -185,12 +185,9 @@ fn emit_conv(e: &mut Emit, l: ConvLaunch) {
         .u32(tiles_y)
         .groups_1d(d.n * tiles_x * tiles_y, wg);
     k.workgroups[2] = d.co.div_ceil(tc) as u32;
-    if l.beta != 0.0 {
-        k = k.konst("ACC_Y", "true");
-    }
-    if d.ow.is_multiple_of(4) {
-        k = k.konst("VEC_Y", "true");
-    }
+    k = k
+        .konst("ACC_Y", l.beta != 0.0)
+        .konst("VEC_Y", d.ow.is_multiple_of(4));
     if !sg {
         k = k
             .konst("TCO", format!("{tc}u"))
@@ -318,12 +315,9 @@ impl Conv2d {
             .u32(numel)
             .f32(fused_db.map_or(0.0, |t| t.beta()))
             .groups(gx as u32, gy as u32, (taps * chunks) as u32);
-        if out_beta != 0.0 {
-            k = k.konst("ACC_DW", "true");
-        }
-        if d.ow.is_multiple_of(4) {
-            k = k.konst("VEC_DY", "true");
-        }
+        k = k
+            .konst("ACC_DW", out_beta != 0.0)
+            .konst("VEC_DY", d.ow.is_multiple_of(4));
         if let Some(db) = fused_db {
             k = k.bind("db", db.slot).konst("HAS_DB", "true");
         }

@@ -124,12 +124,9 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
     if direct {
         k = k.konst("DIRECT_B", "true");
     }
-    if g.n.is_multiple_of(4) {
-        k = k.konst("VEC_C", "true");
-    }
-    if g.beta != 0.0 {
-        k = k.konst("ACC_C", "true");
-    }
+    k = k
+        .konst("VEC_C", g.n.is_multiple_of(4))
+        .konst("ACC_C", g.beta != 0.0);
     if transposed {
         k = k.konst("TRANS_B", "true");
     }
