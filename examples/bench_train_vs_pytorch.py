@@ -121,6 +121,7 @@ def main():
     print(f"ratio difftrain / PyTorch: {ours['median_ms'] / torch_r['median_ms']:.2f}x "
           f"(difftrain: {ours['dispatches']} dispatches, {ours['submissions']} submission(s), "
           f"{ours['gflops']:.1f} GFLOP/s, {ours['peak_bytes'] / 2**20:.1f} MiB GPU buffers)")
+    print(f"difftrain's adapter: {ours['adapter']}, driver: {ours['driver']}")
 
 
 if __name__ == "__main__":

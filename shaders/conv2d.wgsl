@@ -205,9 +205,10 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 }
 
 //@ entry conv2d_forward_sg
-//@ tensors x:read w:read bias:read res:read4 y:rw4
+//@ tensors x:read4 w:read bias:read res:read4 y:rw4
 //@ const ACC_Y = false
 //@ const VEC_Y = false
+//@ const VEC_X = false
 //@ use store_pixels
 //@ const KH = 3u
 //@ const KW = 3u
@@ -264,10 +265,38 @@ fn store4x4(a: mat4x4<f32>, live: bool, n: u32, co: u32, oy: u32, ox0: u32) {
     }
 }
 
+// VEC_X (stride 1, rows a multiple of 4 wide, and 1-wide taps without
+// padding or 3-wide ones with padding 1): the window of row `row` is this
+// lane's 4 pixels, one vector load, and for 3-wide taps the pixels left and
+// right of them: the last of the lane to the left and the first of the lane
+// to the right (neighbouring lanes hold neighbouring tiles of a row), one
+// scalar load at the subgroup's two ends, zero at the row's ends. 2 loads
+// instead of 6.
+fn vector_window(row: u32, ox0: u32, lane: u32, row_inside: bool) -> array<f32, WIN> {
+    let mid = select(vec4<f32>(0.0), x_load4(row + ox0), row_inside);
+    // (Indices clamped to WIN - 1: the function is compiled for every WIN.)
+    var win = array<f32, WIN>();
+    if (KW == 1u) {
+        win[0] = mid.x; win[1] = mid.y; win[2] = mid.z; win[3] = mid.w;
+        return win;
+    }
+    let edge_ix = select(ox0 + 4u, ox0 - 1u, lane == 0u);
+    let edge = x_load(row + min(edge_ix, p.w - 1u));
+    let left = select(subgroupShuffleUp(mid.w, 1u), edge, lane == 0u);
+    let right = select(subgroupShuffleDown(mid.x, 1u), edge, lane == WG - 1u);
+    win[0] = select(0.0, left, ox0 > 0u && row_inside);
+    win[1] = mid.x; win[2] = mid.y; win[3] = mid.z;
+    win[min(4u, WIN - 1u)] = mid.w;
+    win[min(5u, WIN - 1u)] = select(0.0, right, ox0 + 4u < p.w && row_inside);
+    return win;
+}
+
 @compute @workgroup_size(WG)
 fn conv2d_forward_sg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
-    let t = flat_id(gid, nwg, WG);
+    // The tile follows the subgroup lane (the workgroup is one subgroup), so
+    // lane l - 1 holds the tile left of lane l's.
+    let t = flat_id(gid, nwg, WG) - gid.x % WG + lane;
     // No early return: every lane of the subgroup must take part in broadcasts.
     let live = t / (p.tiles_x * p.tiles_y) < p.n;
     let n = min(t / (p.tiles_x * p.tiles_y), p.n - 1u);
@@ -287,9 +316,13 @@ fn conv2d_forward_sg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
             let iy = i32(oy * SH + ky) - i32(p.ph);
             let row = (x_img + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
             var win = array<f32, WIN>();
-            for (var j = 0u; j < WIN; j++) {
-                let ix = ix0 + i32(j);
-                win[j] = select(0.0, x_load(pix(row, ix, p.w)), inside(iy, p.h) && inside(ix, p.w));
+            if (VEC_X) {
+                win = vector_window(row, ox0, lane, inside(iy, p.h));
+            } else {
+                for (var j = 0u; j < WIN; j++) {
+                    let ix = ix0 + i32(j);
+                    win[j] = select(0.0, x_load(pix(row, ix, p.w)), inside(iy, p.h) && inside(ix, p.w));
+                }
             }
             for (var kx = 0u; kx < KW; kx++) {
                 let tap = ky * KW + kx;

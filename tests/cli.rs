@@ -455,6 +455,7 @@ fn bench_train_reports_a_whole_step_as_json() {
             "dispatches",
             "peak_bytes",
             "adapter",
+            "driver",
         ] {
             assert!(c.get(k).is_some(), "{k} missing from {c}");
         }

@@ -70,10 +70,7 @@ pub fn bench_unet(
 
 fn open(choice: &AdapterChoice) -> Result<Gpu> {
     let gpu = Gpu::new_blocking(choice)?;
-    println!(
-        "adapter: {} ({:?}, {})",
-        gpu.info.name, gpu.info.backend, gpu.info.driver
-    );
+    println!("adapter: {}", gpu.describe());
     Ok(gpu)
 }
 
@@ -176,10 +173,7 @@ pub fn bench_train(choice: &AdapterChoice, a: TrainBenchArgs) -> Result<()> {
     };
     let gpu = Gpu::new_blocking(choice)?;
     if !a.json {
-        println!(
-            "adapter: {} ({:?}, {})",
-            gpu.info.name, gpu.info.backend, gpu.info.driver
-        );
+        println!("adapter: {}", gpu.describe());
     }
     let mut results = Vec::new();
     let mut cases = Vec::new();

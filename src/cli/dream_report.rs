@@ -29,7 +29,7 @@ pub fn run(gpu: &Gpu, a: DreamReportArgs) -> Result<()> {
     if a.steps == 0 || a.every == 0 {
         anyhow::bail!("--steps and --every must be at least 1");
     }
-    eprintln!("adapter: {} ({:?})", gpu.info.name, gpu.info.backend);
+    eprintln!("adapter: {}", gpu.describe());
     let opts = ReportOptions {
         sets: a.sets,
         steps: a.steps,

@@ -53,7 +53,7 @@ pub fn run(gpu: &Gpu, a: TrainArgs) -> Result<()> {
         eprintln!("\nstopping: a checkpoint at the end of this step (Ctrl-C again to quit now)");
     })?;
 
-    eprintln!("adapter: {} ({:?})", gpu.info.name, gpu.info.backend);
+    eprintln!("adapter: {}", gpu.describe());
     let mut progress = Progress::new()?;
     let summary = train(gpu, &config, &stop, &mut |e| progress.event(e))?;
     progress.finish();

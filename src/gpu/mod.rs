@@ -52,6 +52,32 @@ pub struct Gpu {
 }
 
 impl Gpu {
+    /// The adapter, its backend and its driver with version, e.g. "llvmpipe
+    /// (LLVM 15.0.6, 256 bits) (Vulkan, llvmpipe, Mesa 25.0.7)": benchmark
+    /// figures depend on the driver's version as much as on the device.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {})",
+            self.info.name,
+            self.info.backend,
+            self.driver()
+        )
+    }
+
+    /// The driver's name and version ("llvmpipe, Mesa 25.0.7 (LLVM 15.0.6)"),
+    /// as far as the platform says.
+    pub fn driver(&self) -> String {
+        match (
+            self.info.driver.is_empty(),
+            self.info.driver_info.is_empty(),
+        ) {
+            (false, false) => format!("{}, {}", self.info.driver, self.info.driver_info),
+            (false, true) => self.info.driver.clone(),
+            (true, false) => self.info.driver_info.clone(),
+            (true, true) => "driver unknown".into(),
+        }
+    }
+
     /// Pick an adapter by `choice` and open a device with its real limits and
     /// the optional features (SHADER_F16, SUBGROUP, and TIMESTAMP_QUERY when
     /// `choice.timestamps`) it has.

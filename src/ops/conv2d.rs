@@ -188,7 +188,19 @@ fn emit_conv(e: &mut Emit, l: ConvLaunch) {
     k = k
         .konst("ACC_Y", l.beta != 0.0)
         .konst("VEC_Y", d.ow.is_multiple_of(4));
-    if !sg {
+    if sg {
+        // Whole-vector windows: output rows as wide as input rows (stride 1),
+        // a multiple of 4, and 1-wide taps without padding or 3-wide ones
+        // with padding 1.
+        let taps = (d.kw, l.pad[1]);
+        k = k.konst(
+            "VEC_X",
+            l.stride[1] == 1
+                && d.ow == d.w
+                && d.w.is_multiple_of(4)
+                && (taps == (1, 0) || taps == (3, 1)),
+        );
+    } else {
         k = k
             .konst("TCO", format!("{tc}u"))
             .konst("TY", format!("{ty}u"))
@@ -690,17 +702,20 @@ mod tests {
         c.check("conv_k3_s1_p1_1x5x6x9_to_3", DType::F32);
     }
 
+    /// Rows 7 wide (element loads) and 8 wide (whole-vector loads of x).
     #[test]
     fn k1_s1_p0() {
-        let c = Case {
-            x: [2, 5, 3, 7],
-            co: 17,
-            k: 1,
-            stride: 1,
-            padding: [0; 4],
-            bias: true,
-        };
-        c.check("conv_k1_s1_p0_bias_2x5x3x7_to_17", DType::F32);
+        for w in [7, 8] {
+            let c = Case {
+                x: [2, 5, 3, w],
+                co: 17,
+                k: 1,
+                stride: 1,
+                padding: [0; 4],
+                bias: true,
+            };
+            c.check(&format!("conv_k1_s1_p0_bias_2x5x3x{w}_to_17"), DType::F32);
+        }
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub struct TrainBench {
 pub struct TrainBenchResult {
     pub name: String,
     pub adapter: String,
+    /// The driver and its version (see [`Gpu::driver`]).
+    pub driver: String,
     pub batch: usize,
     pub latent: usize,
     pub text_len: usize,
@@ -168,6 +170,7 @@ pub fn bench_train_step(gpu: &Gpu, config: &Path, case: &TrainBench) -> Result<T
     Ok(TrainBenchResult {
         name: case.name.clone(),
         adapter: gpu.info.name.clone(),
+        driver: gpu.driver(),
         batch: case.batch,
         latent: case.latent,
         text_len: case.text_len,
