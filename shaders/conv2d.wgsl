@@ -521,8 +521,9 @@ fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(wo
 }
 
 //@ entry conv2d_grad_weight_sg
-//@ tensors x:read dy:read4 dw:rw db:rw
+//@ tensors x:read4 dy:read4 dw:rw db:rw
 //@ const VEC_DY = false
+//@ const VEC_X = false
 //@ const ACC_DW = false
 //@ const KH = 3u
 //@ const KW = 3u
@@ -531,24 +532,101 @@ fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(wo
 //@ const HAS_DB = false
 //@ use grad_weight_common
 // conv2d_grad_weight for adapters whose subgroups are exactly 8 wide
-// (llvmpipe, where every load costs a per-lane gather): lane l loads the dy
-// of channels co0 + l and co0 + 8 + l and subgroupBroadcast hands them to
-// the others (8 loads per lane and step instead of 64).
+// (llvmpipe, where every load costs a per-lane gather). Lane l owns input
+// channels ci0 + l and ci0 + 8 + l (ci0 = 16 x workgroup x), output channels
+// co0 .. co0+16 and the taps (ky, kx0 ..). Per 4 output columns it loads the
+// dy of channels co0 + l and co0 + 8 + l, and subgroupBroadcast hands them to
+// the others (2 loads per lane instead of 16). The sum over the 4 columns
+// happens in the FMAs: each (input channel, tap) keeps one vec4 per 4 output
+// channels, so two input channels fit in the registers one did before.
 const WG: u32 = 8u;
 
-// Columns = dy of lanes l0 .. l0+4.
+// t[j] = dy of 4 output channels (lanes l0 .. l0+4) at column j.
 fn lanes_lo(v: vec4<f32>) -> mat4x4<f32> {
-    return mat4x4<f32>(subgroupBroadcast(v, 0u), subgroupBroadcast(v, 1u), subgroupBroadcast(v, 2u), subgroupBroadcast(v, 3u));
+    return transpose(mat4x4<f32>(subgroupBroadcast(v, 0u), subgroupBroadcast(v, 1u), subgroupBroadcast(v, 2u), subgroupBroadcast(v, 3u)));
 }
 fn lanes_hi(v: vec4<f32>) -> mat4x4<f32> {
-    return mat4x4<f32>(subgroupBroadcast(v, 4u), subgroupBroadcast(v, 5u), subgroupBroadcast(v, 6u), subgroupBroadcast(v, 7u));
+    return transpose(mat4x4<f32>(subgroupBroadcast(v, 4u), subgroupBroadcast(v, 5u), subgroupBroadcast(v, 6u), subgroupBroadcast(v, 7u)));
+}
+
+// dy of the 16 output channels at 4 columns: t<q> holds channels 4q .. 4q+4.
+struct Dy16 { t0: mat4x4<f32>, t1: mat4x4<f32>, t2: mat4x4<f32>, t3: mat4x4<f32> }
+
+// Sums of one (input channel, tap) over 16 output channels, 4 per vector.
+struct Quad { q0: vec4<f32>, q1: vec4<f32>, q2: vec4<f32>, q3: vec4<f32> }
+
+// a + sum_j x[j] t[j]: 4 channels gain their dy times x over 4 columns.
+fn cols_fma(a: vec4<f32>, t: mat4x4<f32>, x: vec4<f32>) -> vec4<f32> {
+    return fma(vec4<f32>(x.w), t[3], fma(vec4<f32>(x.z), t[2], fma(vec4<f32>(x.y), t[1], fma(vec4<f32>(x.x), t[0], a))));
+}
+
+fn quad_fma(a: Quad, d: Dy16, x: vec4<f32>) -> Quad {
+    return Quad(cols_fma(a.q0, d.t0, x), cols_fma(a.q1, d.t1, x), cols_fma(a.q2, d.t2, x), cols_fma(a.q3, d.t3, x));
+}
+
+// The register tile: i<i>k<k> is input channel i (lo, hi) at tap kx0 + k.
+struct SgAcc { i0k0: Quad, i0k1: Quad, i0k2: Quad, i1k0: Quad, i1k1: Quad, i1k2: Quad }
+
+fn sg_step(a: SgAcc, d: Dy16, lo: array<f32, XWIN>, hi: array<f32, XWIN>) -> SgAcc {
+    var r = a;
+    r.i0k0 = quad_fma(r.i0k0, d, xwin4(lo, 0u));
+    r.i1k0 = quad_fma(r.i1k0, d, xwin4(hi, 0u));
+    if (KXS > 1u) {
+        r.i0k1 = quad_fma(r.i0k1, d, xwin4(lo, 1u));
+        r.i1k1 = quad_fma(r.i1k1, d, xwin4(hi, 1u));
+    }
+    if (KXS > 2u) {
+        r.i0k2 = quad_fma(r.i0k2, d, xwin4(lo, 2u));
+        r.i1k2 = quad_fma(r.i1k2, d, xwin4(hi, 2u));
+    }
+    return r;
+}
+
+// VEC_X (stride 1, input rows as wide as output rows and a multiple of 4,
+// 1-wide taps without padding or 3-wide ones with padding 1, so kx0 = 0):
+// the window of columns ox0 .. ox0+4 is one vector load and, for 3-wide
+// taps, the pixels on either side. Otherwise element loads (x_window).
+fn x_window_sg(x_img: u32, oy: u32, ky: u32, ox0: u32, kx0: u32) -> array<f32, XWIN> {
+    if (!VEC_X) { return x_window(x_img, oy, ky, ox0, kx0); }
+    let iy = i32(oy * SH + ky) - i32(p.ph);
+    let row_inside = inside(iy, p.h);
+    let row = (x_img + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
+    let mid = select(vec4<f32>(0.0), x_load4(row + ox0), row_inside);
+    // (Indices clamped to XWIN - 1: the function is compiled for every XWIN.)
+    var win = array<f32, XWIN>();
+    if (KW == 1u) {
+        win[0] = mid.x; win[1] = mid.y; win[2] = mid.z; win[3] = mid.w;
+        return win;
+    }
+    win[0] = select(0.0, x_load(row + select(ox0, ox0 - 1u, ox0 > 0u)), ox0 > 0u && row_inside);
+    win[1] = mid.x; win[2] = mid.y; win[3] = mid.z;
+    win[min(4u, XWIN - 1u)] = mid.w;
+    let right = ox0 + 4u < p.w;
+    win[min(5u, XWIN - 1u)] = select(0.0, x_load(row + select(ox0, ox0 + 4u, right)), right && row_inside);
+    return win;
+}
+
+// dw[chunk part] of input channel ci, channels co0 .. co0+16, tap (ky, kx) = a (+ dw with ACC_DW).
+fn store_quad(a: Quad, live: bool, ci: u32, co0: u32, ky: u32, kx: u32, chunk: u32) {
+    for (var q = 0u; q < 4u; q++) {
+        var v = a.q0;
+        switch (q) { case 1u: { v = a.q1; } case 2u: { v = a.q2; } case 3u: { v = a.q3; } default: {} }
+        for (var c = 0u; c < 4u; c++) {
+            let co = co0 + 4u * q + c;
+            if (live && kx < KW && co < p.co) {
+                let idx = chunk * p.chunk_stride + ((co * p.ci + ci) * KH + ky) * KW + kx;
+                var o = v[c];
+                if (ACC_DW) { o += dw_load(idx); }
+                dw_store(idx, o);
+            }
+        }
+    }
 }
 
 @compute @workgroup_size(WG)
-fn conv2d_grad_weight_sg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>,
-                         @builtin(subgroup_invocation_id) lane: u32) {
-    let live = gid.x < p.ci;
-    let ci = min(gid.x, p.ci - 1u);
+fn conv2d_grad_weight_sg(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let ci_lo = wg.x * 16u + lane;
+    let ci_hi = ci_lo + 8u;
     let co0 = wg.y * 16u;
     let chunk = wg.z % p.chunks;
     let kx_chunks = (KW + KXS - 1u) / KXS;
@@ -556,7 +634,7 @@ fn conv2d_grad_weight_sg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
     let kx0 = (wg.z / p.chunks % kx_chunks) * KXS;
     let co_lo = min(co0 + lane, p.co - 1u);
     let co_hi = min(co0 + 8u + lane, p.co - 1u);
-    var a = DwAcc();
+    var a = SgAcc();
     // HAS_DB: sums of this lane's dy channels.
     var s_lo = vec4<f32>();
     var s_hi = vec4<f32>();
@@ -564,13 +642,15 @@ fn conv2d_grad_weight_sg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
     var n = rows.x / p.oh;
     var oy = rows.x % p.oh;
     for (var r = rows.x; r < rows.y; r++) {
-        let x_img = (n * p.ci + ci) * p.h;
+        let x_lo = (n * p.ci + min(ci_lo, p.ci - 1u)) * p.h;
+        let x_hi = (n * p.ci + min(ci_hi, p.ci - 1u)) * p.h;
         let dy_lo = ((n * p.co + co_lo) * p.oh + oy) * p.ow;
         let dy_hi = ((n * p.co + co_hi) * p.oh + oy) * p.ow;
         for (var ox0 = 0u; ox0 < p.ow; ox0 += 4u) {
             let lo = dy4(dy_lo, ox0);
             let hi = dy4(dy_hi, ox0);
-            a = dw_step(a, lanes_lo(lo), lanes_hi(lo), lanes_lo(hi), lanes_hi(hi), x_window(x_img, oy, ky, ox0, kx0));
+            let d = Dy16(lanes_lo(lo), lanes_hi(lo), lanes_lo(hi), lanes_hi(hi));
+            a = sg_step(a, d, x_window_sg(x_lo, oy, ky, ox0, kx0), x_window_sg(x_hi, oy, ky, ox0, kx0));
             if (HAS_DB) {
                 s_lo += lo;
                 s_hi += hi;
@@ -580,7 +660,18 @@ fn conv2d_grad_weight_sg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
         oy = select(oy + 1u, 0u, wrap);
         n = select(n, n + 1u, wrap);
     }
-    store_dw(a, live, ci, co0, ky, kx0, chunk);
+    let live_lo = ci_lo < p.ci;
+    let live_hi = ci_hi < p.ci;
+    store_quad(a.i0k0, live_lo, ci_lo, co0, ky, kx0, chunk);
+    store_quad(a.i1k0, live_hi, ci_hi, co0, ky, kx0, chunk);
+    if (KXS > 1u) {
+        store_quad(a.i0k1, live_lo, ci_lo, co0, ky, kx0 + 1u, chunk);
+        store_quad(a.i1k1, live_hi, ci_hi, co0, ky, kx0 + 1u, chunk);
+    }
+    if (KXS > 2u) {
+        store_quad(a.i0k2, live_lo, ci_lo, co0, ky, kx0 + 2u, chunk);
+        store_quad(a.i1k2, live_hi, ci_hi, co0, ky, kx0 + 2u, chunk);
+    }
     if (HAS_DB && wg.x == 0u && wg.z == 0u) {
         let ones = vec4<f32>(1.0);
         store_db(co0 + lane, dot(s_lo, ones));

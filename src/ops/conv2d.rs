@@ -158,6 +158,14 @@ fn use_subgroups(e: &Emit) -> bool {
     e.caps.subgroups && e.caps.subgroup_min_size == 8 && e.caps.subgroup_max_size == 8
 }
 
+/// Whether the subgroup kernels may load x a whole vector of 4 columns at a
+/// time: output rows as wide as input rows (stride 1), a multiple of 4, and
+/// 1-wide taps without padding or 3-wide ones with padding 1.
+fn vector_rows(d: &Geom, stride_x: usize, pad_x: i64) -> bool {
+    let taps = (d.kw, pad_x);
+    stride_x == 1 && d.ow == d.w && d.w.is_multiple_of(4) && (taps == (1, 0) || taps == (3, 1))
+}
+
 fn emit_conv(e: &mut Emit, l: ConvLaunch) {
     let d = l.d;
     let khw = d.kh * d.kw;
@@ -189,17 +197,7 @@ fn emit_conv(e: &mut Emit, l: ConvLaunch) {
         .konst("ACC_Y", l.beta != 0.0)
         .konst("VEC_Y", d.ow.is_multiple_of(4));
     if sg {
-        // Whole-vector windows: output rows as wide as input rows (stride 1),
-        // a multiple of 4, and 1-wide taps without padding or 3-wide ones
-        // with padding 1.
-        let taps = (d.kw, l.pad[1]);
-        k = k.konst(
-            "VEC_X",
-            l.stride[1] == 1
-                && d.ow == d.w
-                && d.w.is_multiple_of(4)
-                && (taps == (1, 0) || taps == (3, 1)),
-        );
+        k = k.konst("VEC_X", vector_rows(&d, l.stride[1], l.pad[1]));
     } else {
         k = k
             .konst("TCO", format!("{tc}u"))
@@ -293,10 +291,12 @@ impl Conv2d {
         let (dw, beta) = (dw.slot, dw.beta());
         let sg = use_subgroups(e);
         let wg = if sg { 8 } else { tile(e).2 };
+        // Input channels per workgroup: the subgroup kernel's lanes own two.
+        let ci_per_group = if sg { 16 } else { wg as usize };
         let numel = d.co * d.ci * d.kh * d.kw;
         // Workgroups: input channels x 16 output channels x (ky, 3 kx) x chunks.
         let taps = d.kh * d.kw.div_ceil(3);
-        let (gx, gy) = (d.ci.div_ceil(wg as usize), d.co.div_ceil(16));
+        let (gx, gy) = (d.ci.div_ceil(ci_per_group), d.co.div_ceil(16));
         let rows = d.n * d.oh;
         // CPU adapters have few cores: one chunk keeps dy loads shared.
         let want = if cpu_tiles(e) {
@@ -313,7 +313,10 @@ impl Conv2d {
         };
         let fused_db = db.filter(|_| chunks == 1);
         let mut k = if sg {
-            self.kernel("conv2d_grad_weight_sg", d)
+            self.kernel("conv2d_grad_weight_sg", d).konst(
+                "VEC_X",
+                vector_rows(d, self.stride[1], self.padding[1] as i64),
+            )
         } else {
             self.kernel("conv2d_grad_weight", d)
                 .konst("WG", format!("{wg}u"))
@@ -770,6 +773,20 @@ mod tests {
             bias: false,
         };
         c.check("conv_k3_s2_p1_1x19x5x11_to_18", DType::F32);
+    }
+
+    #[test]
+    fn k3_s1_p1_many_channels_vector_rows() {
+        // Both input channels of a weight-gradient lane, whole-vector rows.
+        let c = Case {
+            x: [2, 19, 5, 8],
+            co: 18,
+            k: 3,
+            stride: 1,
+            padding: [1; 4],
+            bias: true,
+        };
+        c.check_all_dtypes("conv_k3_s1_p1_bias_2x19x5x8_to_18");
     }
 
     #[test]
