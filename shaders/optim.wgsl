@@ -19,8 +19,23 @@ fn tree_sum(lid: u32) {
     }
 }
 
+//@ helpers block_part
+// Lane `lane` of `lanes`: the sum of g^2 over vectors lane, lane + lanes, ...
+// of `block` (adjacent lanes read adjacent vectors), in order.
+fn block_part(block: u32, lane: u32, lanes: u32) -> f32 {
+    var s = 0.0;
+    for (var j = 0u; j < BLOCK / (4u * lanes); j++) {
+        let i = block * BLOCK + (j * lanes + lane) * 4u;
+        let inside = vec4<u32>(i) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.n);
+        let v = select(vec4<f32>(0.0), g_load4(min(i, (p.n - 1u) & ~3u)), inside);
+        s += ((v.x * v.x + v.y * v.y) + v.z * v.z) + v.w * v.w;
+    }
+    return s;
+}
+
 //@ entry sumsq
 //@ tensors g:read4 partials:write
+//@ use block_part
 // partials[base + b] = sum of g^2 over elements [BLOCK b, BLOCK (b + 1)) of
 // the first n of the bound window of g: one workgroup per block. Windows
 // start at whole blocks, so a partial is the same however g is windowed.
@@ -29,18 +44,27 @@ struct Params { n: u32, base: u32 }
 fn sumsq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let block = wid.x + wid.y * nwg.x;
     if (block * BLOCK >= p.n) { return; }
-    // Lane l sums vectors l, l + RWG, ... of the block in order (adjacent
-    // lanes read adjacent vectors).
-    var s = 0.0;
-    for (var j = 0u; j < SPAN; j++) {
-        let i = block * BLOCK + (j * RWG + lid) * 4u;
-        let inside = vec4<u32>(i) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.n);
-        let v = select(vec4<f32>(0.0), g_load4(min(i, (p.n - 1u) & ~3u)), inside);
-        s += ((v.x * v.x + v.y * v.y) + v.z * v.z) + v.w * v.w;
-    }
-    partial[lid] = s;
+    partial[lid] = block_part(block, lid, RWG);
     tree_sum(lid);
     if (lid == 0u) { partials_store(p.base + block, partial[0]); }
+}
+
+//@ entry sumsq_subgroup
+//@ tensors g:read4 partials:write
+//@ use block_part
+// sumsq for adapters whose subgroups are exactly SG wide (llvmpipe): the
+// workgroup is one subgroup, whose lanes subgroupAdd combines, with no
+// workgroup memory and no barriers (each a switch between the invocations
+// of a workgroup on llvmpipe). Same blocks and partials as sumsq.
+struct Params { n: u32, base: u32 }
+const SG: u32 = 8u;
+@compute @workgroup_size(SG)
+fn sumsq_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let block = wid.x + wid.y * nwg.x;
+    // (block is the same in the whole subgroup: all of it returns or none.)
+    if (block * BLOCK >= p.n) { return; }
+    let s = subgroupAdd(block_part(block, lane, SG));
+    if (lane == 0u) { partials_store(p.base + block, s); }
 }
 
 //@ entry step_prologue

@@ -24,7 +24,7 @@ pub fn bench_ops(
             filter.unwrap_or_default()
         );
     }
-    run_cases(&gpu, choice, &cases, iters, profile)
+    run_cases(gpu, choice, &cases, iters, profile)
 }
 
 /// The input of a `bench unet` run.
@@ -65,7 +65,7 @@ pub fn bench_unet(
             )?);
         }
     }
-    run_cases(&gpu, choice, &cases, iters, profile)
+    run_cases(gpu, choice, &cases, iters, profile)
 }
 
 fn open(choice: &AdapterChoice) -> Result<Gpu> {
@@ -78,7 +78,7 @@ fn open(choice: &AdapterChoice) -> Result<Gpu> {
 /// device opened with timestamp queries (which slow some drivers, so the
 /// timed runs go without them).
 fn run_cases(
-    gpu: &Gpu,
+    gpu: Gpu,
     choice: &AdapterChoice,
     cases: &[difftrain::bench::BenchCase],
     iters: usize,
@@ -86,13 +86,15 @@ fn run_cases(
 ) -> Result<()> {
     let mut results = Vec::new();
     for case in cases {
-        let r = difftrain::bench::run_case(gpu, case, iters)
+        let r = difftrain::bench::run_case(&gpu, case, iters)
             .with_context(|| format!("benchmark {} {} {}", case.name, case.shape, case.dtype))?;
         eprintln!("{} {} {}: {:.2} ms", r.name, r.shape, r.dtype, r.median_ms);
         results.push(r);
     }
     print!("{}", difftrain::bench::table(&results));
     if profile {
+        // One device at a time (on a CPU adapter buffers are process memory).
+        drop(gpu);
         let timed = AdapterChoice {
             timestamps: true,
             ..choice.clone()
@@ -247,6 +249,9 @@ pub fn bench_train(choice: &AdapterChoice, a: TrainBenchArgs) -> Result<()> {
         }
     }
     if a.profile {
+        // The timed device goes first: on a CPU adapter its buffers are
+        // process memory, and SD 1.5's would not fit twice.
+        drop(gpu);
         let gpu = Gpu::new_blocking(&AdapterChoice {
             timestamps: true,
             ..choice.clone()

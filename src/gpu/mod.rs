@@ -39,6 +39,15 @@ pub struct Capabilities {
     pub storage_offset_alignment: u64,
 }
 
+impl Capabilities {
+    /// Subgroup builtins with every subgroup exactly `width` lanes: the
+    /// kernels that take one workgroup of `width` invocations for one
+    /// subgroup (llvmpipe's 8 SIMD lanes) need this.
+    pub fn subgroups_exactly(&self, width: u32) -> bool {
+        self.subgroups && self.subgroup_min_size == width && self.subgroup_max_size == width
+    }
+}
+
 /// A device, its queue and everything cached on it. Cheap to clone.
 #[derive(Clone)]
 pub struct Gpu {

@@ -142,10 +142,7 @@ const SG_MAX_D: usize = 64;
 /// Whether the `*_subgroup` kernels apply: subgroups exactly one workgroup
 /// wide (they share K/V rows by shuffles) and rows that fit their registers.
 fn subgroup_rows(e: &Emit, d: &Dims) -> bool {
-    e.caps.subgroups
-        && e.caps.subgroup_min_size == SG_WIDTH as u32
-        && e.caps.subgroup_max_size == SG_WIDTH as u32
-        && d.d <= SG_MAX_D
+    e.caps.subgroups_exactly(SG_WIDTH as u32) && d.d <= SG_MAX_D
 }
 
 /// A kernel over row blocks: workgroup x covers `wg * rq` rows of `rows`,

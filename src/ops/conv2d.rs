@@ -155,7 +155,7 @@ fn cpu_tiles(e: &Emit) -> bool {
 
 /// Adapters with 8-wide subgroups (llvmpipe) take the subgroup kernel.
 fn use_subgroups(e: &Emit) -> bool {
-    e.caps.subgroups && e.caps.subgroup_min_size == 8 && e.caps.subgroup_max_size == 8
+    e.caps.subgroups_exactly(8)
 }
 
 /// Whether the subgroup kernels may load x a whole vector of 4 columns at a

@@ -68,9 +68,7 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
     let panels = g.n.div_ceil(pw);
     // The subgroup kernel shares A through the subgroup where the subgroup is
     // exactly one workgroup wide.
-    let sg = e.caps.subgroups
-        && e.caps.subgroup_min_size == wgx as u32
-        && e.caps.subgroup_max_size == wgx as u32;
+    let sg = e.caps.subgroups_exactly(wgx as u32);
     // 1. Pack B into PW-wide panels (zero past N), unless the kernel can read
     // it in place: row-major with rows starting at vec4 boundaries (direct),
     // or, in the subgroup kernel, transposed with columns starting at vec4

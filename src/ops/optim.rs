@@ -13,6 +13,8 @@ use crate::graph::{AdamW, Emit, Kernel, Slot, TensorId};
 const SUMSQ_BLOCK: usize = 1024;
 /// Workgroup size of the sum-of-squares kernels (`RWG` in the shader).
 const RWG: u32 = 64;
+/// Subgroup width of `sumsq_subgroup` (`SG` in the shader).
+const SUMSQ_SUBGROUP: u32 = 8;
 const WG: u32 = 256;
 
 /// Label of the persistent `[4]` storage `[t, 1 - beta1^t, 1 - beta2^t,
@@ -121,17 +123,24 @@ pub fn emit_adamw(
     let hyper = e.persistent("adamw.hyper", 4, DType::F32);
     let blocks: usize = arenas.iter().map(|a| a.numel.div_ceil(SUMSQ_BLOCK)).sum();
     let partials = e.temp("grad_sq_partials", blocks.max(1), DType::F32);
+    // Where a workgroup can be one 8-wide subgroup, its lanes combine by
+    // subgroupAdd instead of a barrier tree.
+    let (entry, wg) = if e.caps.subgroups_exactly(SUMSQ_SUBGROUP) {
+        ("sumsq_subgroup", SUMSQ_SUBGROUP)
+    } else {
+        ("sumsq", RWG)
+    };
     let mut base = 0;
     for a in arenas {
         for w in a.windows(e) {
             let n = w.numel.div_ceil(SUMSQ_BLOCK);
             e.push(
-                Kernel::new("optim", "sumsq")
+                Kernel::new("optim", entry)
                     .bind_window("g", a.grads, w)
                     .bind("partials", partials)
                     .u32(w.numel)
                     .u32(base + w.first / SUMSQ_BLOCK)
-                    .groups_1d(n * RWG as usize, RWG),
+                    .groups_1d(n * wg as usize, wg),
             );
         }
         base += a.numel.div_ceil(SUMSQ_BLOCK);
