@@ -22,7 +22,7 @@ pub fn info(choice: &AdapterChoice) -> Result<()> {
         "  backend: {:?}  device type: {:?}",
         i.backend, i.device_type
     );
-    println!("  driver: {} {}", i.driver, i.driver_info);
+    println!("  driver: {}", gpu.driver());
     println!(
         "  features: shader-f16 {}  subgroups {} (size {}..{})",
         gpu.caps.shader_f16,
