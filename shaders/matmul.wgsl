@@ -60,7 +60,11 @@ fn outer_fma(acc: mat4x4<f32>, a: vec4<f32>, b: vec4<f32>) -> mat4x4<f32> {
 }
 
 // Four rows of A at column offset k (row offsets precomputed, clamped).
+// COL_A4 (the subgroup kernel, A's columns contiguous from vec4 boundaries):
+// one vector load. A group whose first row is past M reads a clamped,
+// unaligned offset; its rows are never stored.
 fn a_col4(rows: vec4<u32>, k: u32) -> vec4<f32> {
+    if (COL_A4) { return a_load4(rows.x + k); }
     return vec4<f32>(a_load(rows.x + k), a_load(rows.y + k), a_load(rows.z + k), a_load(rows.w + k));
 }
 
@@ -252,6 +256,68 @@ fn store_tile(t: Tile, row0: u32, col0: u32, z: u32) {
     if (RB > 7u) { store_block(t.c70, row0 + 28u, col0, cb); if (CB > 1u) { store_block(t.c71, row0 + 28u, col0 + 4u, cb); } }
 }
 
+//@ helpers gemm_kblock
+// The subgroup kernel works in blocks of 8 k steps (WGX = 8, llvmpipe's SIMD
+// width). The tile's rows each gain their 8 products in registers and are
+// written back once per block: every write of a loop-carried value costs
+// llvmpipe a masked blend, so one per block instead of one per product.
+
+// B's rows of a block: row l is kb_rows[2 l] (columns 0-3) and kb_rows[2 l + 1].
+alias KRows = array<vec4<f32>, 16>;
+
+// A's values for a block. COLUMN (any strides): lane l holds A's column
+// k0 + l for every row of the tile (col). ROW_A (A row-major, rows starting
+// at vec4 boundaries): lane q holds rows 4q .. 4q + 3 of the tile over the
+// block's 8 k (lo: k0 .. k0 + 3, hi: k0 + 4 .. k0 + 7), two vector loads per
+// row instead of 8 scalar ones.
+struct ALanes { col: ACol, lo: array<vec4<f32>, 4>, hi: array<vec4<f32>, 4> }
+
+// Row i of row group q over the block: (k0 .. k0 + 3, k0 + 4 .. k0 + 7).
+fn a_row8(a: ptr<function, ALanes>, col: vec4<f32>, q: u32, i: u32) -> array<vec4<f32>, 2> {
+    if (ROW_A) {
+        return array<vec4<f32>, 2>(subgroupShuffle((*a).lo[i], q), subgroupShuffle((*a).hi[i], q));
+    }
+    let v = col[i];
+    return array<vec4<f32>, 2>(
+        vec4<f32>(subgroupShuffle(v, 0u), subgroupShuffle(v, 1u), subgroupShuffle(v, 2u), subgroupShuffle(v, 3u)),
+        vec4<f32>(subgroupShuffle(v, 4u), subgroupShuffle(v, 5u), subgroupShuffle(v, 6u), subgroupShuffle(v, 7u)));
+}
+
+// A row of a row block (r[0] in column block 0, r[1] in 1) gains a[l] times
+// B's row l for the block's 8 k.
+fn row_kblock(r: array<vec4<f32>, 2>, a: array<vec4<f32>, 2>, b: ptr<function, KRows>) -> array<vec4<f32>, 2> {
+    var acc = r;
+    for (var l = 0u; l < 8u; l++) {
+        let s = vec4<f32>(a[l / 4u][l % 4u]);
+        acc[0] = fma(s, (*b)[2u * l], acc[0]);
+        if (CB > 1u) { acc[1] = fma(s, (*b)[2u * l + 1u], acc[1]); }
+    }
+    return acc;
+}
+
+struct BlockPair { c0: mat4x4<f32>, c1: mat4x4<f32> }
+
+// Row group q (blocks m0, m1; col: the group's column values if COLUMN).
+fn block_kblock(m0: mat4x4<f32>, m1: mat4x4<f32>, a: ptr<function, ALanes>, col: vec4<f32>, q: u32, b: ptr<function, KRows>) -> BlockPair {
+    let r0 = row_kblock(array<vec4<f32>, 2>(m0[0], m1[0]), a_row8(a, col, q, 0u), b);
+    let r1 = row_kblock(array<vec4<f32>, 2>(m0[1], m1[1]), a_row8(a, col, q, 1u), b);
+    let r2 = row_kblock(array<vec4<f32>, 2>(m0[2], m1[2]), a_row8(a, col, q, 2u), b);
+    let r3 = row_kblock(array<vec4<f32>, 2>(m0[3], m1[3]), a_row8(a, col, q, 3u), b);
+    return BlockPair(mat4x4<f32>(r0[0], r1[0], r2[0], r3[0]), mat4x4<f32>(r0[1], r1[1], r2[1], r3[1]));
+}
+
+fn tile_kblock(t: ptr<function, Tile>, a: ptr<function, ALanes>, b: ptr<function, KRows>) {
+    let c = (*a).col;
+    { let p = block_kblock((*t).c00, (*t).c01, a, c.a0, 0u, b); (*t).c00 = p.c0; (*t).c01 = p.c1; }
+    if (RB > 1u) { let p = block_kblock((*t).c10, (*t).c11, a, c.a1, 1u, b); (*t).c10 = p.c0; (*t).c11 = p.c1; }
+    if (RB > 2u) { let p = block_kblock((*t).c20, (*t).c21, a, c.a2, 2u, b); (*t).c20 = p.c0; (*t).c21 = p.c1; }
+    if (RB > 3u) { let p = block_kblock((*t).c30, (*t).c31, a, c.a3, 3u, b); (*t).c30 = p.c0; (*t).c31 = p.c1; }
+    if (RB > 4u) { let p = block_kblock((*t).c40, (*t).c41, a, c.a4, 4u, b); (*t).c40 = p.c0; (*t).c41 = p.c1; }
+    if (RB > 5u) { let p = block_kblock((*t).c50, (*t).c51, a, c.a5, 5u, b); (*t).c50 = p.c0; (*t).c51 = p.c1; }
+    if (RB > 6u) { let p = block_kblock((*t).c60, (*t).c61, a, c.a6, 6u, b); (*t).c60 = p.c0; (*t).c61 = p.c1; }
+    if (RB > 7u) { let p = block_kblock((*t).c70, (*t).c71, a, c.a7, 7u, b); (*t).c70 = p.c0; (*t).c71 = p.c1; }
+}
+
 //@ entry gemm
 //@ tensors a:read bp:read4 bias:read4 res:read4 c:rw4 rowsum:rw
 //@ const RB = 4u
@@ -263,6 +329,7 @@ fn store_tile(t: Tile, row0: u32, col0: u32, z: u32) {
 //@ const HAS_RES = false
 //@ const VEC_C = false
 //@ const ACC_C = false
+//@ const COL_A4 = false
 //@ use gemm_tiles
 // A workgroup is one row of WGX invocations sharing the same rows of A:
 // A's address is uniform across the workgroup, so a GPU fetches it once and
@@ -287,18 +354,21 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
 }
 
 //@ entry gemm_subgroup
-//@ tensors a:read bp:read4 bias:read4 res:read4 c:rw4 rowsum:rw
+//@ tensors a:read4 bp:read4 bias:read4 res:read4 c:rw4 rowsum:rw
 //@ const RB = 4u
 //@ const CB = 2u
 //@ const WGX = 8u
 //@ const HAS_BIAS = false
 //@ const DIRECT_B = false
 //@ const TRANS_B = false
+//@ const ROW_A = false
+//@ const COL_A4 = false
 //@ const ROWSUM = false
 //@ const HAS_RES = false
 //@ const VEC_C = false
 //@ const ACC_C = false
 //@ use gemm_tiles
+//@ use gemm_kblock
 // For adapters whose subgroup is exactly the WGX-wide workgroup (llvmpipe):
 // in each block of WGX k steps, lane l loads A's column k0 + l once, and
 // subgroupShuffle hands each column to every lane in turn, instead of every
@@ -314,29 +384,34 @@ fn gemm_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     // ROWSUM: each lane sums the columns it loads; lane 0 also the tail's.
     var asum = ACol();
     var bt = BBlock();
+    // ROW_A: this lane's rows of A (4 lid.x .. 4 lid.x + 3; RB <= WGX).
+    let my_rows = row_offsets(wg.z, row0 + 4u * lid.x);
     for (var kb = 0u; kb < k_blocks; kb++) {
-        let mine = a_column(rows, (kb * WGX + lid.x) * p.a_cs);
-        if (ROWSUM) { asum = acol_add(asum, mine); }
+        let k0 = kb * WGX;
+        var a = ALanes();
+        if (ROW_A) {
+            for (var i = 0u; i < 4u; i++) {
+                a.lo[i] = a_load4(my_rows[i] + k0);
+                a.hi[i] = a_load4(my_rows[i] + k0 + 4u);
+            }
+        } else {
+            a.col = a_column(rows, (k0 + lid.x) * p.a_cs);
+            if (ROWSUM) { asum = acol_add(asum, a.col); }
+        }
+        var kb_rows: KRows;
         for (var l = 0u; l < WGX; l++) {
-            var a = ACol();
-            a.a0 = subgroupShuffle(mine.a0, l);
-            if (RB > 1u) { a.a1 = subgroupShuffle(mine.a1, l); }
-            if (RB > 2u) { a.a2 = subgroupShuffle(mine.a2, l); }
-            if (RB > 3u) { a.a3 = subgroupShuffle(mine.a3, l); }
-            if (RB > 4u) { a.a4 = subgroupShuffle(mine.a4, l); }
-            if (RB > 5u) { a.a5 = subgroupShuffle(mine.a5, l); }
-            if (RB > 6u) { a.a6 = subgroupShuffle(mine.a6, l); }
-            if (RB > 7u) { a.a7 = subgroupShuffle(mine.a7, l); }
             var b = array<vec4<f32>, 2>();
             if (TRANS_B) {
-                if (l % 4u == 0u) { bt = bt_block(wg.z, col0, kb * WGX + l); }
+                if (l % 4u == 0u) { bt = bt_block(wg.z, col0, k0 + l); }
                 b = bt_row(bt, l % 4u);
             } else {
                 b = b_row(b_at, col0);
             }
-            tile_step(&t, a, b[0], b[1]);
+            kb_rows[2u * l] = b[0];
+            kb_rows[2u * l + 1u] = b[1];
             b_at += b_stride();
         }
+        tile_kblock(&t, &a, &kb_rows);
     }
     for (var kk = k_blocks * WGX; kk < p.k; kk++) {
         var b = array<vec4<f32>, 2>();

@@ -67,8 +67,8 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
     let (tm, pw) = (4 * rb, 4 * cb * wgx);
     let panels = g.n.div_ceil(pw);
     // The subgroup kernel shares A through the subgroup where the subgroup is
-    // exactly one workgroup wide.
-    let sg = e.caps.subgroups_exactly(wgx as u32);
+    // exactly one 8-wide workgroup (llvmpipe's SIMD group).
+    let sg = wgx == 8 && e.caps.subgroups_exactly(8);
     // 1. Pack B into PW-wide panels (zero past N), unless the kernel can read
     // it in place: row-major with rows starting at vec4 boundaries (direct),
     // or, in the subgroup kernel, transposed with columns starting at vec4
@@ -127,6 +127,20 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
         .konst("ACC_C", g.beta != 0.0);
     if transposed {
         k = k.konst("TRANS_B", "true");
+    }
+    // Row-major A whose rows start at vec4 boundaries: the subgroup kernel
+    // loads each lane's rows 4 k at a time.
+    if sg
+        && g.a.cs == 1
+        && g.a.rs.is_multiple_of(4)
+        && g.a.bs.is_multiple_of(4)
+        && g.rowsum.is_none()
+    {
+        k = k.konst("ROW_A", "true");
+    } else if sg && g.a.rs == 1 && g.a.cs.is_multiple_of(4) && g.a.bs.is_multiple_of(4) {
+        // A transposed (a weight gradient's dC^T), columns starting at vec4
+        // boundaries: 4 rows of a column in one load.
+        k = k.konst("COL_A4", "true");
     }
     if let Some(r) = g.rowsum {
         debug_assert_eq!(g.batch, 1, "GEMM row sums of several batches");
@@ -576,10 +590,12 @@ mod tests {
     /// Linear layers whose weight the subgroup GEMM reads transposed in
     /// place (K a multiple of 4): K = 12 and 20 cover whole 8-step blocks
     /// and a 4-step tail; N = 9 and 37 columns past the edge, 4- and
-    /// 8-column tiles.
+    /// 8-column tiles. N = 16: the weight gradient's A (dY^T) has columns
+    /// starting at vec4 boundaries, loaded 4 rows at a time, with the bias
+    /// gradient summed from them.
     #[test]
     fn linear_weight_read_transposed_all_dtypes() {
-        for (n, k) in [(9, 12), (37, 20)] {
+        for (n, k) in [(9, 12), (37, 20), (16, 20)] {
             check_op_all_dtypes(
                 &format!("linear_3x4x{k}_to_{n}"),
                 &[
@@ -662,7 +678,8 @@ mod tests {
     fn batched_matmul_transposes() {
         let cases = [(false, false), (true, false), (false, true), (true, true)];
         for ((ta, tb), n) in cases.into_iter().flat_map(|c| [(c, 6), (c, 8)]) {
-            let (bt, m, k) = (3, 5, 4);
+            // K = 12: one 8-k block of the subgroup kernel and a tail.
+            let (bt, m, k) = (3, 5, 12);
             let ash = if ta { [bt, k, m] } else { [bt, m, k] };
             let bsh = if tb { [bt, n, k] } else { [bt, k, n] };
             check_op(
@@ -694,7 +711,9 @@ mod tests {
     /// n = 37 packs B; n = 72 reads it in place, past one 64-wide panel.
     #[test]
     fn matmul_bigger_than_one_tile_all_dtypes() {
-        for (m, n, k) in [(70, 37, 33), (70, 72, 33)] {
+        // K = 44: row-major A read 4 k at a time by the subgroup kernel, with
+        // a tail of 4 k after the 8-k blocks.
+        for (m, n, k) in [(70, 37, 33), (70, 72, 33), (70, 37, 44)] {
             matmul_all_dtypes(m, n, k);
         }
     }
