@@ -363,46 +363,65 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
 //@ const TRANS_B = false
 //@ const ROW_A = false
 //@ const COL_A4 = false
+//@ const MT = 1u
 //@ const ROWSUM = false
 //@ const HAS_RES = false
 //@ const VEC_C = false
 //@ const ACC_C = false
 //@ use gemm_tiles
 //@ use gemm_kblock
-// For adapters whose subgroup is exactly the WGX-wide workgroup (llvmpipe):
-// in each block of WGX k steps, lane l loads A's column k0 + l once, and
-// subgroupShuffle hands each column to every lane in turn, instead of every
-// lane loading every element of A.
+// A's values for one tile's k block (see ALanes): rows of the tile at
+// offsets rows, this lane's own rows (ROW_A) at mine.
+fn a_block(rows: Rows, mine: vec4<u32>, k0: u32, lane: u32) -> ALanes {
+    var a = ALanes();
+    if (ROW_A) {
+        for (var i = 0u; i < 4u; i++) {
+            a.lo[i] = a_load4(mine[i] + k0);
+            a.hi[i] = a_load4(mine[i] + k0 + 4u);
+        }
+    } else {
+        a.col = a_column(rows, (k0 + lane) * p.a_cs);
+    }
+    return a;
+}
+
+fn acol_total(s: ACol) -> ACol {
+    return ACol(subgroupAdd(s.a0), subgroupAdd(s.a1), subgroupAdd(s.a2), subgroupAdd(s.a3),
+                subgroupAdd(s.a4), subgroupAdd(s.a5), subgroupAdd(s.a6), subgroupAdd(s.a7));
+}
+
+// For adapters whose subgroup is exactly the 8-wide workgroup (llvmpipe): in
+// each block of 8 k steps, lane l loads A's column k0 + l (or, ROW_A, its
+// own rows over the block) once, and subgroupShuffle hands the values to
+// every lane, instead of every lane loading every element of A. MT = 2: the
+// workgroup computes two tiles of 4 RB rows below each other from the same
+// loads of B, which halves B's loads per product.
 @compute @workgroup_size(WGX, 1, 1)
 fn gemm_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row0 = wg.y * 4u * RB;
-    let rows = rows_of(wg.z, row0);
-    var t = Tile();
+    let z = wg.z;
+    let row0 = wg.y * 4u * RB * MT;
+    let row1 = row0 + 4u * RB;
+    let rows0 = rows_of(z, row0);
+    let rows1 = rows_of(z, row1);
+    // ROW_A: this lane's rows of each tile (4 lid.x .. 4 lid.x + 3; RB <= WGX).
+    let mine0 = row_offsets(z, row0 + 4u * lid.x);
+    let mine1 = row_offsets(z, row1 + 4u * lid.x);
+    var t0 = Tile();
+    var t1 = Tile();
     let col0 = wg.x * PW + lid.x * TN;
-    var b_at = b_start(wg.z, wg.x, lid.x);
+    var b_at = b_start(z, wg.x, lid.x);
     let k_blocks = p.k / WGX;
     // ROWSUM: each lane sums the columns it loads; lane 0 also the tail's.
-    var asum = ACol();
+    var asum0 = ACol();
+    var asum1 = ACol();
     var bt = BBlock();
-    // ROW_A: this lane's rows of A (4 lid.x .. 4 lid.x + 3; RB <= WGX).
-    let my_rows = row_offsets(wg.z, row0 + 4u * lid.x);
     for (var kb = 0u; kb < k_blocks; kb++) {
         let k0 = kb * WGX;
-        var a = ALanes();
-        if (ROW_A) {
-            for (var i = 0u; i < 4u; i++) {
-                a.lo[i] = a_load4(my_rows[i] + k0);
-                a.hi[i] = a_load4(my_rows[i] + k0 + 4u);
-            }
-        } else {
-            a.col = a_column(rows, (k0 + lid.x) * p.a_cs);
-            if (ROWSUM) { asum = acol_add(asum, a.col); }
-        }
         var kb_rows: KRows;
         for (var l = 0u; l < WGX; l++) {
             var b = array<vec4<f32>, 2>();
             if (TRANS_B) {
-                if (l % 4u == 0u) { bt = bt_block(wg.z, col0, k0 + l); }
+                if (l % 4u == 0u) { bt = bt_block(z, col0, k0 + l); }
                 b = bt_row(bt, l % 4u);
             } else {
                 b = b_row(b_at, col0);
@@ -411,25 +430,41 @@ fn gemm_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
             kb_rows[2u * l + 1u] = b[1];
             b_at += b_stride();
         }
-        tile_kblock(&t, &a, &kb_rows);
+        var a0 = a_block(rows0, mine0, k0, lid.x);
+        if (ROWSUM) { asum0 = acol_add(asum0, a0.col); }
+        tile_kblock(&t0, &a0, &kb_rows);
+        if (MT > 1u) {
+            var a1 = a_block(rows1, mine1, k0, lid.x);
+            if (ROWSUM) { asum1 = acol_add(asum1, a1.col); }
+            tile_kblock(&t1, &a1, &kb_rows);
+        }
     }
     for (var kk = k_blocks * WGX; kk < p.k; kk++) {
         var b = array<vec4<f32>, 2>();
         if (TRANS_B) {
-            if (kk % 4u == 0u) { bt = bt_block(wg.z, col0, kk); }
+            if (kk % 4u == 0u) { bt = bt_block(z, col0, kk); }
             b = bt_row(bt, kk % 4u);
         } else {
             b = b_row(b_at, col0);
         }
-        let a = a_column(rows, kk * p.a_cs);
-        if (ROWSUM && lid.x == 0u) { asum = acol_add(asum, a); }
-        tile_step(&t, a, b[0], b[1]);
+        let a0 = a_column(rows0, kk * p.a_cs);
+        if (ROWSUM && lid.x == 0u) { asum0 = acol_add(asum0, a0); }
+        tile_step(&t0, a0, b[0], b[1]);
+        if (MT > 1u) {
+            let a1 = a_column(rows1, kk * p.a_cs);
+            if (ROWSUM && lid.x == 0u) { asum1 = acol_add(asum1, a1); }
+            tile_step(&t1, a1, b[0], b[1]);
+        }
         b_at += b_stride();
     }
-    store_tile(t, row0, col0, wg.z);
+    store_tile(t0, row0, col0, z);
+    if (MT > 1u) { store_tile(t1, row1, col0, z); }
     if (ROWSUM) {
-        let total = ACol(subgroupAdd(asum.a0), subgroupAdd(asum.a1), subgroupAdd(asum.a2), subgroupAdd(asum.a3),
-                         subgroupAdd(asum.a4), subgroupAdd(asum.a5), subgroupAdd(asum.a6), subgroupAdd(asum.a7));
-        if (wg.x == 0u && lid.x == 0u) { store_rowsums(total, row0); }
+        let total0 = acol_total(asum0);
+        let total1 = acol_total(asum1);
+        if (wg.x == 0u && lid.x == 0u) {
+            store_rowsums(total0, row0);
+            if (MT > 1u) { store_rowsums(total1, row1); }
+        }
     }
 }

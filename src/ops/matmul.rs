@@ -142,6 +142,11 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
         // boundaries: 4 rows of a column in one load.
         k = k.konst("COL_A4", "true");
     }
+    // Two row tiles per workgroup share B's loads (subgroup kernel, M >= 64).
+    let mt = if sg && g.m >= 2 * tm { 2 } else { 1 };
+    if sg {
+        k = k.konst("MT", format!("{mt}u"));
+    }
     if let Some(r) = g.rowsum {
         debug_assert_eq!(g.batch, 1, "GEMM row sums of several batches");
         k = k.bind("rowsum", r.slot).konst("ROWSUM", "true");
@@ -158,7 +163,7 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
         // The stride between B's stored rows (its columns when transposed).
         .u32(if transposed { g.b.cs } else { g.b.rs })
         .f32(g.rowsum.map_or(0.0, |r| r.beta()))
-        .groups(panels as u32, g.m.div_ceil(tm) as u32, g.batch as u32);
+        .groups(panels as u32, g.m.div_ceil(tm * mt) as u32, g.batch as u32);
     e.push(k);
 }
 
@@ -590,12 +595,12 @@ mod tests {
     /// Linear layers whose weight the subgroup GEMM reads transposed in
     /// place (K a multiple of 4): K = 12 and 20 cover whole 8-step blocks
     /// and a 4-step tail; N = 9 and 37 columns past the edge, 4- and
-    /// 8-column tiles. N = 16: the weight gradient's A (dY^T) has columns
+    /// 8-column tiles. N = 100: the weight gradient's A (dY^T) has columns
     /// starting at vec4 boundaries, loaded 4 rows at a time, with the bias
-    /// gradient summed from them.
+    /// gradient summed from them, over two row tiles per workgroup.
     #[test]
     fn linear_weight_read_transposed_all_dtypes() {
-        for (n, k) in [(9, 12), (37, 20), (16, 20)] {
+        for (n, k) in [(9, 12), (37, 20), (100, 20)] {
             check_op_all_dtypes(
                 &format!("linear_3x4x{k}_to_{n}"),
                 &[
@@ -712,8 +717,10 @@ mod tests {
     #[test]
     fn matmul_bigger_than_one_tile_all_dtypes() {
         // K = 44: row-major A read 4 k at a time by the subgroup kernel, with
-        // a tail of 4 k after the 8-k blocks.
-        for (m, n, k) in [(70, 37, 33), (70, 72, 33), (70, 37, 44)] {
+        // a tail of 4 k after the 8-k blocks. M = 70 and 100: the subgroup
+        // kernel's two 32-row tiles per workgroup, the second one dead or
+        // partly live in the last workgroup.
+        for (m, n, k) in [(70, 37, 33), (70, 72, 33), (100, 37, 44)] {
             matmul_all_dtypes(m, n, k);
         }
     }
