@@ -62,6 +62,11 @@ fn tile(e: &Emit, n: usize) -> (usize, usize, usize) {
     }
 }
 
+/// Multiply-adds from which the subgroup GEMM computes two row tiles per
+/// workgroup (SD 1.5's products at 32x32 latents: 10^8; the small and
+/// built-in UNets': at most 10^7).
+const TWO_TILE_MIN_MACS: usize = if cfg!(test) { 0 } else { 1 << 25 };
+
 fn emit_gemm(e: &mut Emit, g: Gemm) {
     let (rb, cb, wgx) = tile(e, g.n);
     let (tm, pw) = (4 * rb, 4 * cb * wgx);
@@ -142,8 +147,12 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
         // boundaries: 4 rows of a column in one load.
         k = k.konst("COL_A4", "true");
     }
-    // Two row tiles per workgroup share B's loads (subgroup kernel, M >= 64).
-    let mt = if sg && g.m >= 2 * tm { 2 } else { 1 };
+    // Two row tiles per workgroup share B's loads (subgroup kernel, M >= 64),
+    // for big products only: the doubled unrolled code costs llvmpipe compile
+    // time and resident memory (about 7 MiB per pipeline), which small models
+    // would pay for nothing. Unit tests take it at any size, to cover it.
+    let big = g.batch * g.m * g.n * g.k >= TWO_TILE_MIN_MACS;
+    let mt = if sg && g.m >= 2 * tm && big { 2 } else { 1 };
     if sg {
         k = k.konst("MT", format!("{mt}u"));
     }
