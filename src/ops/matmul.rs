@@ -64,8 +64,10 @@ fn tile(e: &Emit, n: usize) -> (usize, usize, usize) {
 
 /// Multiply-adds from which the subgroup GEMM computes two row tiles per
 /// workgroup (SD 1.5's products at 32x32 latents: 10^8; the small and
-/// built-in UNets': at most 10^7).
-const TWO_TILE_MIN_MACS: usize = if cfg!(test) { 0 } else { 1 << 25 };
+/// built-in UNets': at most 10^7). Unit tests take two tiles at any size.
+fn two_tiles_pay_off(macs: usize) -> bool {
+    cfg!(test) || macs >= 1 << 25
+}
 
 fn emit_gemm(e: &mut Emit, g: Gemm) {
     let (rb, cb, wgx) = tile(e, g.n);
@@ -150,8 +152,8 @@ fn emit_gemm(e: &mut Emit, g: Gemm) {
     // Two row tiles per workgroup share B's loads (subgroup kernel, M >= 64),
     // for big products only: the doubled unrolled code costs llvmpipe compile
     // time and resident memory (about 7 MiB per pipeline), which small models
-    // would pay for nothing. Unit tests take it at any size, to cover it.
-    let big = g.batch * g.m * g.n * g.k >= TWO_TILE_MIN_MACS;
+    // would pay for nothing.
+    let big = two_tiles_pay_off(g.batch * g.m * g.n * g.k);
     let mt = if sg && g.m >= 2 * tm && big { 2 } else { 1 };
     if sg {
         k = k.konst("MT", format!("{mt}u"));
