@@ -417,7 +417,7 @@ fn gemm_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     var bt = BBlock();
     for (var kb = 0u; kb < k_blocks; kb++) {
         let k0 = kb * WGX;
-        var kb_rows: KRows;
+        var kb_rows = KRows();
         for (var l = 0u; l < WGX; l++) {
             var b = array<vec4<f32>, 2>();
             if (TRANS_B) {
